@@ -1,0 +1,336 @@
+"""Node configuration: one typed, frozen object built from layered sources.
+
+Precedence (lowest to highest): built-in defaults < TOML file < ``MESHNODE_*`` environment < CLI
+``--set section.key=value`` overrides. Every size, port, path, timeout and limit lives here so that
+nothing is baked into the code (DESIGN.md invariant E).
+
+Errors name the offending key *and* the source it came from, because an operator with three layers
+of configuration needs to know which one to fix. The CLI turns :class:`ConfigError` into exit code 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+KiB = 1024
+MiB = 1024 * KiB
+GiB = 1024 * MiB
+
+ENV_PREFIX = "MESHNODE_"
+
+
+class ConfigError(ValueError):
+    """Invalid configuration: names the key (``section.key``) and the source it came from."""
+
+    def __init__(self, key: str, source: str, message: str) -> None:
+        self.key = key
+        self.source = source
+        super().__init__(f"config error: {key} (from {source}): {message}")
+
+
+def _f(default: Any, lo: float | None = None, hi: float | None = None,
+       choices: tuple[str, ...] | None = None, doc: str = "") -> Any:
+    """Declare a config field with its range/choices; the metadata drives validation and docs."""
+    meta = {"lo": lo, "hi": hi, "choices": choices, "doc": doc}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class NodeSection:
+    data_dir: str = _f("~/.local/share/latentlink", doc="state: identity, control port file, CRDT logs")
+    key_path: str = _f("", doc="Ed25519 identity file; empty = <data_dir>/identity.key")
+    log_level: str = _f("info", choices=("debug", "info", "warning", "error"))
+    log_json: bool = _f(False, doc="one JSON object per log line")
+    shutdown_timeout_s: float = _f(5.0, 0.1, 300.0, doc="grace period for clean shutdown")
+
+
+@dataclass(frozen=True)
+class HostSection:
+    listen_addrs: list[str] = _f(["/ip4/0.0.0.0/tcp/4001"], doc="libp2p TCP multiaddrs to listen on")
+    enable_quic: bool = _f(False, doc="QUIC transport (off by default)")
+    bootstrap: list[str] = _f([], doc="multiaddrs with /p2p/<id> dialled at start")
+    bootstrap_retries: int = _f(8, 0, 1000)
+    bootstrap_backoff_s: float = _f(0.2, 0.0, 60.0, doc="first retry delay; doubles each try")
+    bootstrap_backoff_max_s: float = _f(5.0, 0.0, 600.0)
+    dial_timeout_s: float = _f(10.0, 0.1, 300.0)
+    max_connections: int = _f(256, 1, 100000)
+    max_connections_per_peer: int = _f(1, 1, 64, doc="1 avoids py-libp2p's 250 ms connect stall")
+    peer_exchange_interval_s: float = _f(1.0, 0.05, 3600.0, doc="how often to learn/dial peers of peers")
+    max_peer_exchange: int = _f(64, 0, 10000, doc="max peers returned/dialled per exchange")
+
+
+@dataclass(frozen=True)
+class ControlSection:
+    enabled: bool = _f(True, doc="local HTTP/JSON control API + Prometheus metrics")
+    host: str = _f("127.0.0.1", doc="bind address; must be loopback")
+    port: int = _f(4080, 0, 65535, doc="0 = pick a free port (written to <data_dir>/control.json)")
+
+
+@dataclass(frozen=True)
+class ProtocolSection:
+    max_message_bytes: int = _f(2 * GiB, 1, 64 * GiB, doc="largest tensor message accepted")
+    max_metadata_bytes: int = _f(1 * MiB, 256, 64 * MiB, doc="largest msgpack header accepted")
+    max_tensors_per_message: int = _f(4096, 1, 1 << 20)
+    chunk_bytes: int = _f(4 * MiB, 4 * KiB, 256 * MiB, doc="AEAD chunk size on the wire")
+    handshake_timeout_s: float = _f(10.0, 0.1, 600.0)
+    idle_timeout_s: float = _f(300.0, 1.0, 86400.0, doc="idle sessions expire")
+    ciphers: list[str] = _f(["aegis256", "xchacha20poly1305"], doc="preference order")
+    residual_gain_max: float = _f(4.0, 0.0, 1e6, doc="highest RESIDUAL_PATCH gain negotiated")
+
+
+@dataclass(frozen=True)
+class LimitsSection:
+    allowlist: list[str] = _f([], doc="peer IDs allowed to open sessions; empty = everyone")
+    denylist: list[str] = _f([], doc="peer IDs always refused")
+    shared_token: str = _f("", doc="optional token a peer must present at handshake")
+    messages_per_s: float = _f(200.0, 0.001, 1e9)
+    bytes_per_s: float = _f(float(16 * GiB), 1.0, 1e15)
+    max_sessions_per_peer: int = _f(8, 1, 10000)
+
+
+@dataclass(frozen=True)
+class DhtSection:
+    enabled: bool = _f(True)
+    mode: str = _f("auto", choices=("auto", "server", "client"))
+    record_ttl_s: float = _f(600.0, 1.0, 7 * 86400.0, doc="provider/signature record lifetime")
+    refresh_interval_s: float = _f(300.0, 0.5, 86400.0, doc="re-advertise before TTL expires")
+    probe_timeout_s: float = _f(2.0, 0.05, 120.0, doc="unreachable providers are filtered after this")
+    max_record_bytes: int = _f(16 * KiB, 256, 1 * MiB)
+
+
+@dataclass(frozen=True)
+class RelaySection:
+    enabled: bool = _f(False, doc="act as a Circuit Relay v2 hop for others")
+    max_circuit_bytes: int = _f(1 * GiB, 1, 1 << 50)
+    max_circuit_duration_s: float = _f(3600.0, 1.0, 86400.0)
+    max_reservations: int = _f(64, 0, 100000)
+
+
+@dataclass(frozen=True)
+class CrdtSection:
+    max_update_bytes: int = _f(1 * MiB, 64, 1 * GiB)
+    max_document_bytes: int = _f(64 * MiB, 1 * KiB, 16 * GiB)
+    fsync: str = _f("batch", choices=("always", "batch", "never"))
+    anti_entropy_interval_s: float = _f(5.0, 0.05, 86400.0)
+
+
+@dataclass(frozen=True)
+class TransportSection:
+    path: str = _f("auto", choices=("auto", "shm", "bulk", "stream"), doc="force a data path")
+    bulk_listen_host: str = _f("0.0.0.0", doc="bulk lane bind address")
+    bulk_port: int = _f(0, 0, 65535, doc="0 = ephemeral")
+    shm_enabled: bool = _f(True)
+    shm_ring_bytes: int = _f(64 * MiB, 1 * MiB, 16 * GiB)
+    recv_window_bytes: int = _f(64 * MiB, 64 * KiB, 16 * GiB, doc="credits granted to a sender")
+    transfer_timeout_s: float = _f(120.0, 0.1, 86400.0)
+
+
+@dataclass(frozen=True)
+class RuntimeSection:
+    model: str = _f("", doc="HF directory, .gguf file, or 'smollm2' (the PyPI-shipped model)")
+    dtype: str = _f("float32", choices=("float32", "bfloat16", "float16"))
+    num_threads: int = _f(1, 1, 1024, doc="torch threads; must match on both sides for bitwise equality")
+    device: str = _f("cpu")
+
+
+@dataclass(frozen=True)
+class Config:
+    node: NodeSection = field(default_factory=NodeSection)
+    host: HostSection = field(default_factory=HostSection)
+    control: ControlSection = field(default_factory=ControlSection)
+    protocol: ProtocolSection = field(default_factory=ProtocolSection)
+    limits: LimitsSection = field(default_factory=LimitsSection)
+    dht: DhtSection = field(default_factory=DhtSection)
+    relay: RelaySection = field(default_factory=RelaySection)
+    crdt: CrdtSection = field(default_factory=CrdtSection)
+    transport: TransportSection = field(default_factory=TransportSection)
+    runtime: RuntimeSection = field(default_factory=RuntimeSection)
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(os.path.expanduser(self.node.data_dir))
+
+    @property
+    def key_path(self) -> Path:
+        if self.node.key_path:
+            return Path(os.path.expanduser(self.node.key_path))
+        return self.data_dir / "identity.key"
+
+
+def _sections() -> dict[str, type]:
+    hints = get_type_hints(Config)
+    return {f.name: hints[f.name] for f in dataclasses.fields(Config)}
+
+
+def _coerce(value: Any, typ: Any, key: str, source: str, from_text: bool) -> Any:
+    """Convert/check one value. ``from_text`` = env/CLI strings that need parsing."""
+    if get_origin(typ) is list:
+        (inner,) = get_args(typ)
+        if from_text and isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(key, source, f"expected a list, got {type(value).__name__}")
+        return [_coerce(v, inner, key, source, from_text) for v in value]
+    if typ is bool:
+        if from_text and isinstance(value, str):
+            low = value.strip().lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ConfigError(key, source, f"expected a boolean, got {value!r}")
+        if not isinstance(value, bool):
+            raise ConfigError(key, source, f"expected a boolean, got {type(value).__name__}")
+        return value
+    if typ is int:
+        if from_text and isinstance(value, str):
+            try:
+                return int(value.strip().replace("_", ""), 0)
+            except ValueError:
+                raise ConfigError(key, source, f"expected an integer, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(key, source, f"expected an integer, got {type(value).__name__}")
+        return value
+    if typ is float:
+        if from_text and isinstance(value, str):
+            try:
+                return float(value.strip())
+            except ValueError:
+                raise ConfigError(key, source, f"expected a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(key, source, f"expected a number, got {type(value).__name__}")
+        return float(value)
+    if typ is str:
+        if not isinstance(value, str):
+            raise ConfigError(key, source, f"expected a string, got {type(value).__name__}")
+        return value
+    raise ConfigError(key, source, f"unsupported type {typ}")  # pragma: no cover
+
+
+def _check_range(f: dataclasses.Field, value: Any, key: str, source: str) -> None:
+    lo, hi, choices = f.metadata.get("lo"), f.metadata.get("hi"), f.metadata.get("choices")
+    if choices is not None and value not in choices:
+        raise ConfigError(key, source, f"must be one of {', '.join(choices)}; got {value!r}")
+    if lo is not None and value < lo:
+        raise ConfigError(key, source, f"must be >= {lo}; got {value!r}")
+    if hi is not None and value > hi:
+        raise ConfigError(key, source, f"must be <= {hi}; got {value!r}")
+
+
+class _Builder:
+    """Accumulates validated values per section, remembering which source set each key."""
+
+    def __init__(self) -> None:
+        self.sections = _sections()
+        self.values: dict[str, dict[str, Any]] = {name: {} for name in self.sections}
+        self.origin: dict[str, str] = {}
+
+    def fields(self, section: str) -> dict[str, dataclasses.Field]:
+        return {f.name: f for f in dataclasses.fields(self.sections[section])}
+
+    def set(self, dotted: str, value: Any, source: str, from_text: bool) -> None:
+        if "." not in dotted:
+            raise ConfigError(dotted, source, "expected section.key")
+        section, key = dotted.split(".", 1)
+        if section not in self.sections:
+            raise ConfigError(dotted, source, f"unknown section {section!r}; known: {', '.join(self.sections)}")
+        flds = self.fields(section)
+        if key not in flds:
+            raise ConfigError(dotted, source, f"unknown key; known in [{section}]: {', '.join(flds)}")
+        hints = get_type_hints(self.sections[section])
+        v = _coerce(value, hints[key], dotted, source, from_text)
+        _check_range(flds[key], v, dotted, source)
+        self.values[section][key] = v
+        self.origin[dotted] = source
+
+    def build(self) -> Config:
+        parts = {name: cls(**self.values[name]) for name, cls in self.sections.items()}
+        cfg = Config(**parts)
+        _cross_checks(cfg, self.origin)
+        return cfg
+
+
+def _cross_checks(cfg: Config, origin: Mapping[str, str]) -> None:
+    """Constraints that span several keys; still name a key and its source."""
+    import ipaddress
+
+    try:
+        if not ipaddress.ip_address(cfg.control.host).is_loopback:
+            raise ConfigError("control.host", origin.get("control.host", "default"),
+                              "the control API must bind to a loopback address")
+    except ValueError:
+        raise ConfigError("control.host", origin.get("control.host", "default"),
+                          f"not an IP address: {cfg.control.host!r}") from None
+    for c in cfg.protocol.ciphers:
+        if c not in ("aegis256", "xchacha20poly1305"):
+            raise ConfigError("protocol.ciphers", origin.get("protocol.ciphers", "default"),
+                              f"unknown cipher {c!r}; known: aegis256, xchacha20poly1305")
+    if cfg.host.bootstrap_backoff_max_s < cfg.host.bootstrap_backoff_s:
+        raise ConfigError("host.bootstrap_backoff_max_s", origin.get("host.bootstrap_backoff_max_s", "default"),
+                          "must be >= host.bootstrap_backoff_s")
+    if not cfg.host.listen_addrs:
+        raise ConfigError("host.listen_addrs", origin.get("host.listen_addrs", "default"),
+                          "at least one listen address is required")
+
+
+def env_name(dotted: str) -> str:
+    return ENV_PREFIX + dotted.replace(".", "_").upper()
+
+
+def load_config(path: str | os.PathLike[str] | None = None,
+                env: Mapping[str, str] | None = None,
+                overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Build the config from all layers. ``overrides`` are ``section.key=value`` strings (CLI)."""
+    b = _Builder()
+    if path is not None:
+        src = f"file {path}"
+        try:
+            with open(path, "rb") as fh:
+                data = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigError("--config", src, "file not found") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError("--config", src, f"invalid TOML: {exc}") from None
+        for section, table in data.items():
+            if not isinstance(table, dict):
+                raise ConfigError(section, src, "expected a [section] table")
+            for key, value in table.items():
+                b.set(f"{section}.{key}", value, src, from_text=False)
+
+    env = os.environ if env is None else env
+    known = {env_name(f"{s}.{f}"): f"{s}.{f}" for s in b.sections for f in b.fields(s)}
+    for name, value in env.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        if name not in known:
+            raise ConfigError(name, "environment", "unknown MESHNODE_ variable")
+        b.set(known[name], value, f"environment {name}", from_text=True)
+
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(item, "command line", "expected section.key=value")
+        k, v = item.split("=", 1)
+        b.set(k.strip(), v, "command line", from_text=True)
+    return b.build()
+
+
+def describe() -> list[tuple[str, str, Any, str]]:
+    """(key, type, default, doc) for every setting; used by ``meshnode config --list`` and docs."""
+    out = []
+    b = _Builder()
+    for s in b.sections:
+        hints = get_type_hints(b.sections[s])
+        defaults = b.sections[s]()
+        for name, f in b.fields(s).items():
+            typ = hints[name]
+            tname = getattr(typ, "__name__", str(typ)) if get_origin(typ) is None else "list[str]"
+            out.append((f"{s}.{name}", tname, getattr(defaults, name), f.metadata.get("doc", "")))
+    return out
