@@ -1,0 +1,65 @@
+"""Assemble the libp2p host explicitly, with every security choice visible here.
+
+py-libp2p's defaults are unsafe or slow for us (DESIGN.md §7): it offers plaintext, TLS and SECIO
+next to Noise, and its connection manager stalls ``connect()`` for 250 ms unless only one
+connection per peer is allowed. We therefore pass the security and muxer options ourselves: Noise
+only (a plaintext-only peer fails negotiation), yamux only.
+"""
+
+from __future__ import annotations
+
+import multiaddr
+from libp2p import new_host
+from libp2p.abc import IHost
+from libp2p.crypto.keys import KeyPair
+from libp2p.crypto.x25519 import create_new_key_pair as create_new_x25519_key_pair
+from libp2p.network.config import ConnectionConfig
+from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
+from libp2p.security.noise.transport import Transport as NoiseTransport
+from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
+from libp2p.stream_muxer.yamux.yamux import Yamux
+
+from meshnode.config import HostSection
+
+
+def security_options(key_pair: KeyPair) -> dict:
+    """Noise is the only security protocol we negotiate (no plaintext, no SECIO, no TLS)."""
+    return {NOISE_PROTOCOL_ID: NoiseTransport(key_pair, noise_privkey=create_new_x25519_key_pair().private_key)}
+
+
+def muxer_options() -> dict:
+    return {YAMUX_PROTOCOL_ID: Yamux}
+
+
+def connection_config(cfg: HostSection) -> ConnectionConfig:
+    high = max(1, cfg.max_connections - max(1, cfg.max_connections // 10))
+    return ConnectionConfig(
+        max_connections=cfg.max_connections,
+        high_watermark=high,
+        low_watermark=min(high, max(1, cfg.max_connections // 4)),
+        min_connections=0,
+        max_connections_per_peer=cfg.max_connections_per_peer,
+        dial_timeout=cfg.dial_timeout_s,
+        connection_timeout=cfg.dial_timeout_s,
+        outbound_upgrade_timeout=cfg.dial_timeout_s,
+        inbound_upgrade_timeout=cfg.dial_timeout_s,
+    )
+
+
+def listen_multiaddrs(cfg: HostSection) -> list[multiaddr.Multiaddr]:
+    addrs = [multiaddr.Multiaddr(a) for a in cfg.listen_addrs]
+    if not cfg.enable_quic:
+        addrs = [a for a in addrs if "quic" not in str(a)]
+    return addrs
+
+
+def build_host(cfg: HostSection, key_pair: KeyPair) -> IHost:
+    """A host with our identity, Noise+yamux, identify and ping, and the configured limits."""
+    return new_host(
+        key_pair=key_pair,
+        sec_opt=security_options(key_pair),
+        muxer_opt=muxer_options(),
+        listen_addrs=listen_multiaddrs(cfg),
+        enable_quic=cfg.enable_quic,
+        connection_config=connection_config(cfg),
+    )

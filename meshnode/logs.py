@@ -1,0 +1,80 @@
+"""One structured logger for the node.
+
+Lines are ``key=value`` text or one JSON object per line (``--log-json``). py-libp2p logs routine
+events (failed dials, identify races, stream resets) at ERROR/WARNING; we demote every record from
+its loggers to DEBUG so that a real error from our own code stands out.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from typing import Any
+
+NOISY_LOGGERS = ("libp2p", "multiaddr", "async_service", "async_exit_stack")
+
+
+class _Demote(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno > logging.DEBUG:
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return logging.getLogger().isEnabledFor(logging.DEBUG)
+
+
+class _Formatter(logging.Formatter):
+    def __init__(self, as_json: bool) -> None:
+        super().__init__()
+        self.as_json = as_json
+
+    def format(self, record: logging.LogRecord) -> str:
+        fields: dict[str, Any] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        fields.update(getattr(record, "kv", {}) or {})
+        if record.exc_info:
+            fields["exc"] = self.formatException(record.exc_info)
+        if self.as_json:
+            return json.dumps(fields, default=str)
+        head = f"{fields.pop('ts')} {fields.pop('level'):<7} {fields.pop('logger')}: {fields.pop('msg')}"
+        tail = " ".join(f"{k}={v}" for k, v in fields.items())
+        return f"{head} {tail}".rstrip()
+
+
+def setup_logging(level: str = "info", as_json: bool = False) -> None:
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Formatter(as_json))
+    root.addHandler(handler)
+    root.setLevel(getattr(logging, level.upper()))
+    for name in NOISY_LOGGERS:
+        lg = logging.getLogger(name)
+        lg.filters = [f for f in lg.filters if not isinstance(f, _Demote)]
+        lg.addFilter(_Demote())
+    _demote_existing()
+
+
+def _demote_existing() -> None:
+    # py-libp2p creates many child loggers ("libp2p.network.swarm", ...); filters on a parent do not
+    # apply to records emitted by children, so attach to every existing one too.
+    for name, lg in logging.Logger.manager.loggerDict.items():
+        if isinstance(lg, logging.Logger) and name.split(".")[0] in NOISY_LOGGERS:
+            if not any(isinstance(f, _Demote) for f in lg.filters):
+                lg.addFilter(_Demote())
+
+
+def get_logger(name: str) -> logging.LoggerAdapter:
+    """A logger whose calls accept structured fields: ``log.info("msg", extra={"kv": {...}})``."""
+    return logging.getLogger(name)  # type: ignore[return-value]
+
+
+def kv(**fields: Any) -> dict[str, Any]:
+    """Shorthand for structured fields: ``log.info("dialled", extra=kv(peer=pid))``."""
+    return {"kv": fields}

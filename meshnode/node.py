@@ -1,0 +1,186 @@
+"""The node: the one place where every capability is composed, as one trio nursery tree.
+
+Read top-down in :meth:`Node.run`: identity → host → (peer exchange, bootstrap, metrics, control
+API, and the services added by later modules) each as a task in the node's own nursery. Stopping
+the node cancels that nursery; every ``finally`` below runs, so temp files and streams are cleaned
+on SIGINT/SIGTERM as well as on errors.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import multiaddr
+import trio
+from libp2p.peer.peerinfo import info_from_p2p_addr
+
+from meshnode import control
+from meshnode.config import Config
+from meshnode.host import build_host, listen_multiaddrs
+from meshnode.identity import load_or_create_identity, peer_id_of
+from meshnode.logs import get_logger, kv
+from meshnode.metrics import NodeMetrics
+from meshnode.peer_exchange import PeerExchange
+
+log = get_logger("meshnode.node")
+
+
+class Node:
+    """A LatentLink mesh node. Use ``async with open_node(config) as node:``."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.key_pair = load_or_create_identity(config.key_path)
+        self.peer_id = peer_id_of(self.key_pair)
+        self.host = build_host(config.host, self.key_pair)
+        self.metrics = NodeMetrics()
+        self.pex = PeerExchange(self.host, config.host.max_peer_exchange,
+                                config.host.peer_exchange_interval_s, config.host.dial_timeout_s,
+                                on_dial=self._count_dial)
+        self.control_port: int | None = None
+        self.started_at = time.time()
+        self._stop = trio.Event()
+        self._ready = trio.Event()
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    async def run(self, *, task_status: trio.TaskStatus[Node] = trio.TASK_STATUS_IGNORED) -> None:
+        cfg = self.config
+        async with self.host.run(listen_addrs=listen_multiaddrs(cfg.host)):
+            async with trio.open_nursery() as nursery:
+                if cfg.control.enabled:
+                    server = control.ControlServer(cfg.control.host, cfg.control.port,
+                                                   self._routes(), cfg.data_dir / "control.json")
+                    self.control_port = await nursery.start(server.run)
+                nursery.start_soon(self._bootstrap)
+                nursery.start_soon(self.pex.run)
+                nursery.start_soon(self._update_gauges)
+                log.info("node started", extra=kv(peer_id=self.peer_id, addrs=[str(a) for a in self.addrs]))
+                self._ready.set()
+                task_status.started(self)
+                await self._stop.wait()
+                log.info("node stopping", extra=kv(peer_id=self.peer_id))
+                nursery.cancel_scope.cancel()
+            with trio.move_on_after(cfg.node.shutdown_timeout_s) as scope:
+                scope.shield = True
+                await self._close_connections()
+        log.info("node stopped", extra=kv(peer_id=self.peer_id))
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def _close_connections(self) -> None:
+        network = self.host.get_network()
+        for pid in list(self.host.get_connected_peers()):
+            try:
+                await network.close_peer(pid)
+            except Exception as exc:
+                log.debug("close_peer failed", extra=kv(peer=pid, err=exc))
+
+    # -- mesh ------------------------------------------------------------------------------------
+    async def _bootstrap(self) -> None:
+        async with trio.open_nursery() as n:
+            for addr in self.config.host.bootstrap:
+                n.start_soon(self._dial_with_backoff, addr)
+
+    async def _dial_with_backoff(self, addr: str) -> None:
+        h = self.config.host
+        try:
+            info = info_from_p2p_addr(multiaddr.Multiaddr(addr))
+        except Exception as exc:
+            log.error("bad bootstrap address", extra=kv(addr=addr, err=exc))
+            return
+        if info.peer_id == self.peer_id:
+            return
+        delay = h.bootstrap_backoff_s
+        for attempt in range(h.bootstrap_retries + 1):
+            try:
+                with trio.fail_after(h.dial_timeout_s):
+                    await self.host.connect(info)
+                self._count_dial(True)
+                log.info("bootstrap peer connected", extra=kv(peer=info.peer_id, attempt=attempt))
+                return
+            except Exception as exc:
+                self._count_dial(False)
+                log.warning("bootstrap dial failed", extra=kv(addr=addr, attempt=attempt, err=exc))
+                await trio.sleep(delay)
+                delay = min(delay * 2, h.bootstrap_backoff_max_s)
+        log.error("bootstrap peer unreachable", extra=kv(addr=addr, attempts=h.bootstrap_retries + 1))
+
+    def _count_dial(self, ok: bool) -> None:
+        self.metrics.dials.labels(result="ok" if ok else "failed").inc()
+
+    async def connect(self, addr: str) -> None:
+        """Dial a peer by full multiaddr (with ``/p2p/<id>``)."""
+        info = info_from_p2p_addr(multiaddr.Multiaddr(addr))
+        with trio.fail_after(self.config.host.dial_timeout_s):
+            await self.host.connect(info)
+
+    # -- introspection ---------------------------------------------------------------------------
+    @property
+    def addrs(self) -> list[multiaddr.Multiaddr]:
+        return self.host.get_addrs()
+
+    def peers(self) -> list[dict[str, Any]]:
+        return [{"peer_id": str(pid), "addrs": self.peer_addrs(pid)}
+                for pid in sorted(self.host.get_connected_peers(), key=str)]
+
+    def peer_addrs(self, pid) -> list[str]:
+        """Known addresses of a peer; empty (not an error) while identify has not filled them."""
+        try:
+            return [str(a) for a in self.host.get_peerstore().addrs(pid)]
+        except Exception:
+            return []
+
+    def _stream_count(self) -> int:
+        total = 0
+        for conns in self.host.get_network().get_connections_map().values():
+            for conn in conns:
+                try:
+                    total += len(conn.get_streams())
+                except Exception:
+                    pass
+        return total
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "peer_id": str(self.peer_id),
+            "addrs": [str(a) for a in self.addrs],
+            "connected_peers": len(self.host.get_connected_peers()),
+            "streams": self._stream_count(),
+            "uptime_s": round(time.time() - self.started_at, 3),
+            "control_port": self.control_port,
+        }
+
+    async def _update_gauges(self) -> None:
+        while True:
+            self.metrics.connections.set(len(self.host.get_connected_peers()))
+            self.metrics.streams.set(self._stream_count())
+            await trio.sleep(1.0)
+
+    def _routes(self) -> dict[str, control.Route]:
+        def metrics_route(_tail: str) -> tuple[int, str, bytes]:
+            self.metrics.connections.set(len(self.host.get_connected_peers()))
+            self.metrics.streams.set(self._stream_count())
+            return 200, "text/plain; version=0.0.4", self.metrics.render()
+
+        return {
+            "/status": control.json_route(lambda _t: self.status()),
+            "/peers": control.json_route(lambda _t: self.peers()),
+            "/metrics": metrics_route,
+        }
+
+
+@asynccontextmanager
+async def open_node(config: Config) -> AsyncIterator[Node]:
+    """Start a node in its own nursery; stop it (cleanly) when the block exits."""
+    node = Node(config)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(node.run)
+        try:
+            yield node
+        finally:
+            node.stop()

@@ -1,0 +1,273 @@
+"""KV cache capture and injection (transformers 5.x ``DynamicCache``), following DESIGN.md §10.
+
+The exact recipe, and why each step is here:
+
+* The sender prefills the *whole* prompt and ships KV for all n tokens plus its next token (and the
+  last-position logits). Shipping n-1 tokens and re-running the last one is not bitwise exact.
+* Sliding-window layers keep only the last ``W-1`` keys; their true length (``cumulative_length``)
+  drives positions and masks, so it travels in ``meta`` and is restored on inject.
+* The receiver never re-feeds the prompt: decoding starts from ``next_token`` with an attention mask
+  covering past + new tokens.
+* Keys already carry RoPE, so KV only ever lands at the positions it was computed for: a snapshot
+  must start at 0 and a delta exactly where the receiver's cache ends.
+* An fp32 model fed bf16 KV runs silently and drifts: dtypes must match, or inject refuses.
+
+Tensors are named ``L{i}.k`` / ``L{i}.v`` ([batch, kv_heads, tokens, head_dim]), plus ``logits``
+([vocab], the sender's last-position logits). ``meta`` holds scalars only, so it fits the envelope.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+from meshnode.runtime.loader import DTYPES, LoadedModel
+
+KIND_FULL = "KV_CACHE"
+KIND_DELTA = "KV_CACHE_DELTA"
+
+Meta = dict[str, str | int | float | bool | None]
+Tensors = dict[str, torch.Tensor]
+
+
+class KVMismatch(ValueError):
+    """Received KV cannot be applied exactly to this model/state; nothing was applied."""
+
+
+@dataclass
+class State:
+    """A receiver's (or sender's) decoding state: the cache, its length and the token to feed next."""
+
+    cache: DynamicCache
+    length: int
+    next_token: int | None
+    first_logits: torch.Tensor | None = None  # logits that produced next_token, if shipped
+
+
+def new_cache(lm: LoadedModel) -> DynamicCache:
+    """Empty cache with the model's per-layer types (full / sliding) — the same class ``generate`` uses."""
+    return DynamicCache(config=lm.model.config)
+
+
+@torch.inference_mode()
+def forward_tokens(lm: LoadedModel, state: State, ids: list[int]) -> torch.Tensor:
+    """Feed ``ids`` on top of ``state.cache``; return last-position logits ([vocab], fp32 copy).
+
+    The mask always spans past + new tokens (a bare ``generate(last_token)`` without it crashes,
+    and padded batches come out wrong); positions follow from the cache length, never from
+    ``cache_position=`` (ignored in 5.x).
+    """
+    if not ids:
+        raise ValueError("no tokens to feed")
+    inp = torch.tensor([ids], dtype=torch.long)
+    mask = torch.ones((1, state.length + len(ids)), dtype=torch.long)
+    out = lm.model(input_ids=inp, attention_mask=mask, past_key_values=state.cache, use_cache=True,
+                   logits_to_keep=1)
+    state.length += len(ids)
+    if state.cache.get_seq_length() != state.length:
+        raise RuntimeError("cache length out of step with state")  # pragma: no cover
+    return out.logits[0, -1].float()
+
+
+def prefill(lm: LoadedModel, prompt_ids: list[int]) -> State:
+    """Prefill the whole prompt the way ``generate`` does (``logits_to_keep=1``)."""
+    state = State(new_cache(lm), 0, None)
+    logits = forward_tokens(lm, state, prompt_ids)
+    state.next_token = int(torch.argmax(logits))
+    state.first_logits = logits
+    return state
+
+
+def capture(lm: LoadedModel, state: State, *, layers: tuple[int, int] | None = None,
+            tokens: tuple[int, int] | None = None, dtype: str | None = None,
+            include_logits: bool = True, kind: str | None = None) -> tuple[Tensors, Meta]:
+    """Tensors + meta for ``layers`` [a, b) and absolute ``tokens`` [t0, t1) of ``state``.
+
+    Defaults: all layers, all cached tokens. A range not starting at 0 is a delta. Sliding layers
+    ship what they still hold inside the range (at most ``W-1`` tokens) and their cumulative length.
+    Tensors are views when no slicing/cast is needed (zero copy), else one contiguous copy.
+    """
+    cache = state.cache
+    n_layers = len(cache.layers)
+    la, lb = layers or (0, n_layers)
+    t0, t1 = tokens or (0, state.length)
+    if not (0 <= la < lb <= n_layers) or not (0 <= t0 < t1 <= state.length):
+        raise ValueError(f"bad range layers={la, lb} tokens={t0, t1} (cache {state.length})")
+    tdtype = DTYPES[dtype] if dtype else lm.dtype
+    out: Tensors = {}
+    meta: Meta = {
+        "kind": kind or (KIND_FULL if t0 == 0 else KIND_DELTA),
+        "layer_start": la, "layer_end": lb, "token_start": t0, "token_end": t1,
+        "batch": 0, "dtype": str(tdtype).removeprefix("torch."), "threads": lm.threads,
+        "next_token": state.next_token,
+    }
+    for i in range(la, lb):
+        layer = cache.layers[i]
+        held = layer.keys.shape[-2]
+        first = state.length - held  # absolute position of the first held key (sliding layers drop old ones)
+        if first > t0 and not layer.is_sliding:
+            raise ValueError(f"layer {i} no longer holds tokens from {t0}")  # pragma: no cover
+        a, b = max(t0, first) - first, t1 - first
+        for part, tensor in (("k", layer.keys), ("v", layer.values)):
+            piece = tensor[:, :, a:b] if (a, b) != (0, held) else tensor
+            out[f"L{i}.{part}"] = piece.to(tdtype).contiguous()
+        if layer.is_sliding:
+            meta[f"L{i}.cumulative_length"] = int(layer.cumulative_length)
+            meta[f"L{i}.start"] = first + a
+    if include_logits and state.first_logits is not None and t1 == state.length:
+        out["logits"] = state.first_logits.contiguous()
+    return out, meta
+
+
+def prefill_and_capture(lm: LoadedModel, prompt_ids: list[int], **kw: Any) -> tuple[Tensors, Meta, State]:
+    """Sender side, turn 1: prefill ``prompt_ids`` and capture the full snapshot (+ next token)."""
+    state = prefill(lm, prompt_ids)
+    tensors, meta = capture(lm, state, **kw)
+    return tensors, meta, state
+
+
+def append_turn(lm: LoadedModel, state: State, new_ids: list[int], **kw: Any) -> tuple[Tensors, Meta]:
+    """Sender side, later turns: feed ``new_ids`` on the cache, capture only their KV as a delta.
+
+    ``new_ids`` must start with the sender's pending ``next_token`` if the conversation continues
+    from it; the receiver's cache must end exactly where the delta starts.
+    """
+    start = state.length
+    logits = forward_tokens(lm, state, new_ids)
+    state.next_token = int(torch.argmax(logits))
+    state.first_logits = logits
+    return capture(lm, state, tokens=(start, state.length), kind=KIND_DELTA, **kw)
+
+
+def _check(lm: LoadedModel, tensors: Tensors, meta: Meta, n_layers: int, strict_threads: bool) -> None:
+    dt = meta.get("dtype")
+    if dt != lm.dtype_name:
+        raise KVMismatch(f"KV dtype {dt} does not match model dtype {lm.dtype_name}")
+    if strict_threads and meta.get("threads") != lm.threads:
+        raise KVMismatch(f"sender used {meta.get('threads')} threads, receiver {lm.threads}: "
+                         "fp32 results would not be bitwise equal")
+    if (meta.get("layer_start"), meta.get("layer_end")) != (0, n_layers):
+        raise KVMismatch("inject needs every layer (partial layer ranges cannot be decoded from)")
+    cfg = lm.model.config.get_text_config(decoder=True)
+    kvh = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    for i in range(n_layers):
+        for part in ("k", "v"):
+            t = tensors.get(f"L{i}.{part}")
+            if t is None:
+                raise KVMismatch(f"missing L{i}.{part}")
+            if t.dtype != lm.dtype:
+                raise KVMismatch(f"L{i}.{part} has dtype {t.dtype}, model runs {lm.dtype}")
+            if t.dim() != 4 or t.shape[0] != 1 or t.shape[1] != kvh or t.shape[3] != hd:
+                raise KVMismatch(f"L{i}.{part} shape {tuple(t.shape)} != [1, {kvh}, T, {hd}]")
+
+
+def inject(lm: LoadedModel, tensors: Tensors, meta: Meta, *, strict_threads: bool = True) -> State:
+    """Receiver side: build a fresh cache from a full snapshot. Validates everything first."""
+    if meta.get("kind") != KIND_FULL or meta.get("token_start") != 0:
+        raise KVMismatch("a snapshot must start at token 0 (RoPE'd keys cannot move)")
+    cache = new_cache(lm)
+    n = len(cache.layers)
+    _check(lm, tensors, meta, n, strict_threads)
+    length = int(meta["token_end"])  # type: ignore[arg-type]
+    staged = []
+    for i, layer in enumerate(cache.layers):
+        k, v = tensors[f"L{i}.k"], tensors[f"L{i}.v"]
+        cum = length
+        if layer.is_sliding:
+            cum = int(meta.get(f"L{i}.cumulative_length", -1))  # type: ignore[arg-type]
+            if cum != length or k.shape[2] != min(length, layer.sliding_window - 1):
+                raise KVMismatch(f"L{i}: sliding layer holds {k.shape[2]} of {cum}, expected {length}")
+        elif k.shape[2] != length:
+            raise KVMismatch(f"L{i}: {k.shape[2]} tokens, expected {length}")
+        staged.append((layer, k, v, cum))
+    for layer, k, v, cum in staged:  # all checks passed: apply
+        _set_layer(layer, k, v, cum)
+    logits = tensors.get("logits")
+    return State(cache, length, _opt_int(meta.get("next_token")),
+                 logits.float() if logits is not None else None)
+
+
+def apply_delta(lm: LoadedModel, state: State, tensors: Tensors, meta: Meta, *,
+                strict_threads: bool = True) -> State:
+    """Append a KV_CACHE_DELTA to ``state`` in place (all checks first; nothing applied on error)."""
+    if meta.get("kind") != KIND_DELTA:
+        raise KVMismatch("not a delta")
+    if meta.get("token_start") != state.length:
+        raise KVMismatch(f"delta starts at {meta.get('token_start')}, cache ends at {state.length}")
+    layers = state.cache.layers
+    _check(lm, tensors, meta, len(layers), strict_threads)
+    end = int(meta["token_end"])  # type: ignore[arg-type]
+    staged = []
+    for i, layer in enumerate(layers):
+        k, v = tensors[f"L{i}.k"], tensors[f"L{i}.v"]
+        if layer.is_sliding:
+            cum = int(meta.get(f"L{i}.cumulative_length", -1))  # type: ignore[arg-type]
+            if cum != end:
+                raise KVMismatch(f"L{i}: sliding length {cum} != {end}")
+            if int(meta.get(f"L{i}.start", -1)) != end - k.shape[2]:  # type: ignore[arg-type]
+                raise KVMismatch(f"L{i}: sliding delta does not end at {end}")
+            keys = torch.cat([layer.keys, k], dim=-2)[:, :, -(layer.sliding_window - 1):]
+            vals = torch.cat([layer.values, v], dim=-2)[:, :, -(layer.sliding_window - 1):]
+            staged.append((layer, keys, vals, cum))
+        else:
+            if k.shape[2] != end - state.length:
+                raise KVMismatch(f"L{i}: {k.shape[2]} tokens, expected {end - state.length}")
+            staged.append((layer, torch.cat([layer.keys, k], dim=-2),
+                           torch.cat([layer.values, v], dim=-2), end))
+    for layer, k, v, cum in staged:
+        _set_layer(layer, k, v, cum)
+    state.length = end
+    state.next_token = _opt_int(meta.get("next_token"))
+    logits = tensors.get("logits")
+    state.first_logits = logits.float() if logits is not None else None
+    return state
+
+
+def _set_layer(layer: Any, k: torch.Tensor, v: torch.Tensor, cum: int) -> None:
+    if not layer.is_initialized:
+        layer.lazy_initialization(k, v)
+    layer.keys, layer.values = k, v
+    if layer.is_sliding:
+        layer.cumulative_length = cum  # DESIGN.md §10: lost by DynamicCache(ddp_cache_data=...)
+
+
+def _opt_int(v: Any) -> int | None:
+    return None if v is None else int(v)
+
+
+@torch.inference_mode()
+def continue_greedy(lm: LoadedModel, state: State, n_tokens: int) -> tuple[list[int], torch.Tensor]:
+    """Greedy-decode ``n_tokens`` from ``state`` (first is ``state.next_token``).
+
+    Returns the tokens and the logits that produced each of them ([n_tokens, vocab]); the first row
+    is the sender's shipped logits when present (else the row is NaN).
+    """
+    if state.next_token is None:
+        raise ValueError("state has no pending token")
+    tokens = [state.next_token]
+    first = state.first_logits
+    rows = [first if first is not None else torch.full((lm.model.config.get_text_config().vocab_size,),
+                                                       float("nan"))]
+    while len(tokens) < n_tokens:
+        logits = forward_tokens(lm, state, [tokens[-1]])
+        rows.append(logits)
+        tokens.append(int(torch.argmax(logits)))
+    # the last token is emitted but not yet fed: keep it pending so decoding can resume
+    state.next_token = tokens[-1]
+    state.first_logits = rows[-1]
+    return tokens, torch.stack(rows)
+
+
+@torch.inference_mode()
+def generate_reference(lm: LoadedModel, prompt_ids: list[int], n_tokens: int) -> tuple[list[int], torch.Tensor]:
+    """What the sender would produce continuing itself with ``generate()`` (greedy)."""
+    out = lm.model.generate(torch.tensor([prompt_ids]), attention_mask=torch.ones((1, len(prompt_ids)),
+                            dtype=torch.long), max_new_tokens=n_tokens, min_new_tokens=n_tokens,
+                            do_sample=False, output_logits=True, return_dict_in_generate=True,
+                            pad_token_id=0)
+    toks = out.sequences[0, len(prompt_ids):].tolist()
+    return toks, torch.stack([x[0].float() for x in out.logits])

@@ -1,0 +1,62 @@
+"""Bounded msgpack for every peer-supplied map (invariant D: never pickle, never eval).
+
+msgpack's own ``max_*_len`` limits bound each container while it is parsed; we add a total-size
+check first and normalise msgpack's many exception types into :class:`ProtocolError`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+
+from .errors import ErrorCode, ProtocolError
+
+
+def pack(obj: Any) -> bytes:
+    """Canonical-enough msgpack (bin type for bytes, no ext types)."""
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def unpack_map(data: bytes | bytearray | memoryview, max_bytes: int, *, max_array: int = 4096,
+               max_map: int = 64, max_str: int = 4096, max_bin: int = 64 * 1024) -> dict[str, Any]:
+    """Decode one msgpack map from peer bytes, bounded everywhere; raise only ProtocolError."""
+    if len(data) > max_bytes:
+        raise ProtocolError(ErrorCode.LIMIT, f"metadata of {len(data)} bytes exceeds {max_bytes}")
+    try:
+        obj = msgpack.unpackb(
+            bytes(data), raw=False, strict_map_key=True, use_list=True,
+            max_str_len=max_str, max_bin_len=max_bin, max_array_len=max_array,
+            max_map_len=max_map, max_ext_len=0,
+        )
+    except Exception as exc:  # ExtraData, FormatError, ValueError, UnicodeDecodeError, ...
+        raise ProtocolError(ErrorCode.MALFORMED, f"bad msgpack: {type(exc).__name__}") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError(ErrorCode.MALFORMED, "expected a msgpack map")
+    return obj
+
+
+def need(d: dict[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
+    """Typed field access for decoded maps (bool is never accepted as int)."""
+    if key not in d:
+        raise ProtocolError(ErrorCode.MALFORMED, f"missing field {key!r}")
+    v = d[key]
+    if isinstance(v, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
+        raise ProtocolError(ErrorCode.MALFORMED, f"field {key!r} has the wrong type")
+    if not isinstance(v, kind):
+        raise ProtocolError(ErrorCode.MALFORMED, f"field {key!r} has the wrong type")
+    return v
+
+
+def need_uint(d: dict[str, Any], key: str, hi: int = (1 << 63) - 1) -> int:
+    v = need(d, key, int)
+    if not 0 <= v <= hi:
+        raise ProtocolError(ErrorCode.LIMIT, f"field {key!r}={v} out of range 0..{hi}")
+    return v
+
+
+def need_str_list(d: dict[str, Any], key: str, max_len: int = 64) -> list[str]:
+    v = need(d, key, list)
+    if len(v) > max_len or not all(isinstance(x, str) for x in v):
+        raise ProtocolError(ErrorCode.MALFORMED, f"field {key!r} must be a list of strings")
+    return v

@@ -1,0 +1,58 @@
+"""Configuration layering and start-up validation (exit 2 naming the key)."""
+
+import dataclasses
+import subprocess
+
+import pytest
+
+from meshnode.config import ConfigError, load_config
+from tests.helpers.nodeproc import ROOT, clean_env, meshnode_cmd
+
+
+def test_precedence_defaults_file_env_cli(tmp_path):
+    f = tmp_path / "n.toml"
+    f.write_text('[protocol]\nchunk_bytes = 65536\nmax_tensors_per_message = 10\n[node]\nlog_level = "debug"\n')
+    cfg = load_config(f, env={"MESHNODE_PROTOCOL_CHUNK_BYTES": "131072"},
+                      overrides=["node.log_level=error"])
+    assert cfg.protocol.chunk_bytes == 131072          # env beats file
+    assert cfg.protocol.max_tensors_per_message == 10  # file beats default
+    assert cfg.node.log_level == "error"               # CLI beats file
+    assert cfg.host.max_connections_per_peer == 1      # default
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.protocol.chunk_bytes = 1  # frozen
+
+
+def test_lists_from_env_and_cli():
+    cfg = load_config(env={"MESHNODE_HOST_BOOTSTRAP": "/ip4/127.0.0.1/tcp/1/p2p/a, /ip4/127.0.0.1/tcp/2/p2p/b"})
+    assert cfg.host.bootstrap == ["/ip4/127.0.0.1/tcp/1/p2p/a", "/ip4/127.0.0.1/tcp/2/p2p/b"]
+
+
+@pytest.mark.parametrize("kwargs,key,source", [
+    ({"env": {"MESHNODE_PROTOCOL_CHUNK_BYTES": "12"}}, "protocol.chunk_bytes", "environment"),
+    ({"overrides": ["host.max_connections=lots"]}, "host.max_connections", "command line"),
+    ({"overrides": ["control.host=0.0.0.0"]}, "control.host", "command line"),
+    ({"env": {"MESHNODE_NOPE": "1"}}, "MESHNODE_NOPE", "environment"),
+])
+def test_invalid_values_name_key_and_source(kwargs, key, source):
+    with pytest.raises(ConfigError) as ei:
+        load_config(**kwargs)
+    assert ei.value.key == key and source in ei.value.source
+
+
+@pytest.mark.parametrize("toml,key", [
+    ('[host]\nmax_conections = 5\n', "host.max_conections"),           # unknown key (typo)
+    ('[protocol]\nchunk_bytes = "big"\n', "protocol.chunk_bytes"),    # wrong type
+    ('[dht]\nrecord_ttl_s = -3\n', "dht.record_ttl_s"),               # out of range
+])
+def test_invalid_config_file_exits_2_naming_key(tmp_path, toml, key):
+    f = tmp_path / "bad.toml"
+    f.write_text(toml)
+    r = subprocess.run(meshnode_cmd() + ["run", "--config", str(f), "--data-dir", str(tmp_path / "d")],
+                       capture_output=True, text=True, env=clean_env(), cwd=ROOT, timeout=60)
+    assert r.returncode == 2, r.stderr
+    assert key in r.stderr and str(f) in r.stderr
+
+
+def test_example_config_is_valid():
+    cfg = load_config(ROOT / "configs" / "node.toml", env={})
+    assert cfg.control.host == "127.0.0.1"
