@@ -51,14 +51,6 @@ class Replica:
     def records_in(self, key: WriterKey, first: int, last: int) -> list[SignedUpdate]:
         return self.log.get(key, [])[first - 1:last]
 
-    def missing_for(self, vv: dict[WriterKey, int]) -> list[SignedUpdate]:
-        """Records a peer with version vector ``vv`` lacks, the creator's first (genesis)."""
-        creator = self.doc.creator
-        out: list[SignedUpdate] = []
-        for key in sorted(self.log, key=lambda k: (ID(k[0]).to_base58() != creator, k)):
-            out.extend(self.log[key][vv.get(key, 0):])
-        return out
-
     # -- local edits ---------------------------------------------------------------------------
 
     def _on_local(self, update: bytes) -> None:

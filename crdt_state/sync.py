@@ -27,6 +27,7 @@ from crdt_state.replica import Rejected, Replica
 from crdt_state.schema import SessionDoc
 from crdt_state.signing import Signer, Verifier
 from crdt_state.wire import (
+    MAX_DOC_ID,
     FrameDecoder,
     Records,
     Request,
@@ -49,7 +50,8 @@ class Output:
 
 class SyncEngine:
     def __init__(self, key_pair: KeyPair, limits: CrdtLimits,
-                 on_accept: Callable[[SignedUpdate], None] | None = None) -> None:
+                 on_accept: Callable[[SignedUpdate], None] | None = None,
+                 accept_session: Callable[[SessionDoc], bool] | None = None) -> None:
         self.limits = limits
         self.signer = Signer(key_pair)
         self.local_peer = self.signer.peer_id.to_base58()
@@ -58,8 +60,10 @@ class SyncEngine:
         self.verifier = Verifier()
         self.replicas: dict[str, Replica] = {}
         self.on_accept = on_accept
+        self.accept_session = accept_session or (lambda doc: True)
+        self.declined: set[str] = set()  # invitations refused by accept_session: not pulled again
         self._inflight: dict[tuple[str, WriterKey], tuple[int, float]] = {}
-        self._decoders: dict[str, FrameDecoder] = {}
+        self._decoders: dict[tuple[str, object], FrameDecoder] = {}
 
     def _new_replica(self, doc_id: str) -> Replica:
         return Replica(doc_id, self.limits, self.signer, self.writer, self.verifier)
@@ -91,6 +95,8 @@ class SyncEngine:
 
     def create(self, doc_id: str, compat_key: str, participants: dict[str, str]
                ) -> list[SignedUpdate]:
+        if not 0 < len(doc_id) <= MAX_DOC_ID:
+            raise ValueError(f"session id must be 1..{MAX_DOC_ID} characters")
         if doc_id in self.replicas:
             raise ValueError(f"session {doc_id!r} already exists")
         if self.local_peer not in participants:
@@ -114,12 +120,16 @@ class SyncEngine:
 
     # -- remote side ---------------------------------------------------------------------------
 
-    def forget_peer(self, peer: str) -> None:
-        self._decoders.pop(peer, None)
+    def forget(self, peer: str, channel: object = None) -> None:
+        """Drop the partial-frame buffer of a closed stream."""
+        self._decoders.pop((peer, channel), None)
 
-    def receive(self, peer: str, data: bytes, now: float) -> Output:
-        """Feed raw stream bytes; raises SyncProtocolError on malformed input (drop the stream)."""
-        dec = self._decoders.setdefault(peer, FrameDecoder(self.limits))
+    def receive(self, peer: str, data: bytes, now: float, channel: object = None) -> Output:
+        """Feed raw bytes of one stream (``channel`` tells a peer's streams apart).
+
+        Raises SyncProtocolError on malformed input: the caller should drop that stream.
+        """
+        dec = self._decoders.setdefault((peer, channel), FrameDecoder(self.limits))
         out = Output()
         for msg in dec.feed(data):
             if isinstance(msg, Step1):
@@ -132,6 +142,8 @@ class SyncEngine:
 
     def _on_step1(self, peer: str, msg: Step1, now: float, out: Output) -> None:
         rep = self.replicas.get(msg.doc_id)
+        if rep is None and msg.doc_id in self.declined:
+            return
         have = rep.vv() if rep else {}
         ranges = []
         for key, theirs in msg.vv.items():
@@ -163,11 +175,18 @@ class SyncEngine:
             rep = self._new_replica(msg.doc_id)
         accepted, rejected = rep.admit(msg.records)
         if fresh:
-            if not accepted or not rep.doc.is_participant(self.local_peer):
+            declined = bool(accepted) and rep.doc.is_participant(self.local_peer) \
+                and not self.accept_session(rep.doc)
+            if declined and len(self.declined) < 65536:
+                self.declined.add(msg.doc_id)
+            if not accepted or not rep.doc.is_participant(self.local_peer) or declined:
                 # Not a session we belong to (or nothing usable): keep nothing.
                 out.rejected.extend(Rejected(r, "not a participant of this session")
                                     for r in accepted)
                 out.rejected.extend(rejected)
+                if any(r.retryable for r in rejected):
+                    # A push for a session we have not seen yet: ask for the whole history.
+                    out.frames.append(encode(Step1(msg.doc_id, {}, want_reply=True)))
                 return
             self.replicas[msg.doc_id] = rep
         out.rejected.extend(rejected)
@@ -191,5 +210,7 @@ class SyncEngine:
             flight = self._inflight.get((msg.doc_id, key))
             if flight and vv.get(key, 0) >= flight[0]:
                 del self._inflight[(msg.doc_id, key)]
+            elif flight:  # still arriving: the deadline measures silence, not the whole transfer
+                self._inflight[(msg.doc_id, key)] = (flight[0], now + self.limits.request_timeout_s)
         if gap and rep.doc.is_participant(peer):
             out.frames.append(self.step1(msg.doc_id, want_reply=True))

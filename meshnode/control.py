@@ -26,12 +26,24 @@ log = get_logger("meshnode.control")
 Route = Callable[[str], tuple[int, str, bytes]]
 
 
+def _json(result: Any) -> tuple[int, str, bytes]:
+    if result is None:
+        return 404, "application/json", b'{"error": "not found"}'
+    return 200, "application/json", json.dumps(result, default=str).encode()
+
+
 def json_route(fn: Callable[[str], Any]) -> Route:
+    """A synchronous JSON route (run on the trio thread)."""
     def route(tail: str) -> tuple[int, str, bytes]:
-        result = fn(tail)
-        if result is None:
-            return 404, "application/json", b'{"error": "not found"}'
-        return 200, "application/json", json.dumps(result, default=str).encode()
+        return _json(fn(tail))
+    return route
+
+
+def async_json_route(fn: Callable[[str], Any]) -> Route:
+    """A JSON route whose handler is async (e.g. a DHT lookup); runs as a trio task."""
+    async def route(tail: str) -> tuple[int, str, bytes]:
+        return _json(await fn(tail))
+    route.is_async = True  # type: ignore[attr-defined]
     return route
 
 
@@ -53,8 +65,11 @@ class ControlServer:
                     if path == prefix or path.startswith(prefix + "/"):
                         tail = path[len(prefix):].lstrip("/")
                         try:
-                            status, ctype, body = trio.from_thread.run_sync(route, tail, trio_token=token)
-                        except trio.RunFinishedError:
+                            if getattr(route, "is_async", False):
+                                status, ctype, body = trio.from_thread.run(route, tail, trio_token=token)
+                            else:
+                                status, ctype, body = trio.from_thread.run_sync(route, tail, trio_token=token)
+                        except (trio.RunFinishedError, trio.Cancelled):
                             status, ctype, body = 503, "application/json", b'{"error": "shutting down"}'
                         except Exception as exc:  # report, don't kill the server
                             log.exception("control route failed", extra=kv(path=path))

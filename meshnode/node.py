@@ -15,8 +15,12 @@ from typing import Any
 
 import multiaddr
 import trio
+from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
 
+from crdt_state import CrdtLimits, CrdtService, UpdateStore
+from discovery.dht import Discovery, DiscoverySettings, Provider
+from discovery.signature import ModelSignature
 from meshnode import control
 from meshnode.config import Config
 from meshnode.host import build_host, listen_multiaddrs
@@ -24,6 +28,8 @@ from meshnode.identity import load_or_create_identity, peer_id_of
 from meshnode.logs import get_logger, kv
 from meshnode.metrics import NodeMetrics
 from meshnode.peer_exchange import PeerExchange
+from meshnode.tensor_service import Received, Sent, TensorService, TensorSession
+from tensor_rpc import AccessPolicy, Limits
 
 log = get_logger("meshnode.node")
 
@@ -31,7 +37,8 @@ log = get_logger("meshnode.node")
 class Node:
     """A LatentLink mesh node. Use ``async with open_node(config) as node:``."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, signature: ModelSignature | None = None) -> None:
+        """``signature``: the model this node serves (the runtime supplies it when it loads one)."""
         self.config = config
         config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.key_pair = load_or_create_identity(config.key_path)
@@ -41,6 +48,20 @@ class Node:
         self.pex = PeerExchange(self.host, config.host.max_peer_exchange,
                                 config.host.peer_exchange_interval_s, config.host.dial_timeout_s,
                                 on_dial=self._count_dial)
+        d = config.dht
+        self.discovery: Discovery | None = None
+        if d.enabled:
+            self.discovery = Discovery(
+                self.host, self.key_pair,
+                DiscoverySettings(d.mode, d.record_ttl_s, d.refresh_interval_s, d.probe_timeout_s,
+                                  d.max_record_bytes),
+                on_op=lambda op, ok: self.metrics.dht_ops.labels(op=op, result="ok" if ok else "failed").inc())
+        self.limits = Limits.from_config(config)
+        self.tensors = TensorService(self.host, self.key_pair, self.limits, AccessPolicy(self.limits),
+                                     signature, on_event=self._on_tensor_event)
+        self.crdt_store = UpdateStore(config.data_dir / "crdt", CrdtLimits.from_config(config.crdt))
+        self.crdt = CrdtService(self.host, self.key_pair, self.crdt_store,
+                                CrdtLimits.from_config(config.crdt), config.host.dial_timeout_s)
         self.control_port: int | None = None
         self.started_at = time.time()
         self._stop = trio.Event()
@@ -55,6 +76,10 @@ class Node:
                     server = control.ControlServer(cfg.control.host, cfg.control.port,
                                                    self._routes(), cfg.data_dir / "control.json")
                     self.control_port = await nursery.start(server.run)
+                if self.discovery is not None:
+                    await nursery.start(self.discovery.run)
+                await nursery.start(self.tensors.run)
+                await self.crdt.start(nursery)
                 nursery.start_soon(self._bootstrap)
                 nursery.start_soon(self.pex.run)
                 nursery.start_soon(self._update_gauges)
@@ -63,10 +88,13 @@ class Node:
                 task_status.started(self)
                 await self._stop.wait()
                 log.info("node stopping", extra=kv(peer_id=self.peer_id))
+                with trio.CancelScope(shield=True), trio.move_on_after(cfg.node.shutdown_timeout_s):
+                    await self.crdt.stop()
                 nursery.cancel_scope.cancel()
             with trio.move_on_after(cfg.node.shutdown_timeout_s) as scope:
                 scope.shield = True
                 await self._close_connections()
+        self.crdt_store.close()
         log.info("node stopped", extra=kv(peer_id=self.peer_id))
 
     def stop(self) -> None:
@@ -119,6 +147,79 @@ class Node:
         with trio.fail_after(self.config.host.dial_timeout_s):
             await self.host.connect(info)
 
+    # -- discovery -------------------------------------------------------------------------------
+    async def advertise(self, signature: ModelSignature) -> None:
+        """Serve a model: publish it in the DHT (refreshed before the TTL, withdrawn at stop)."""
+        if self.discovery is None:
+            raise RuntimeError("DHT is disabled (dht.enabled = false)")
+        await self.discovery.advertise(signature)
+
+    async def find_compatible(self, signature_or_key: ModelSignature | str, limit: int = 20,
+                              ) -> list[Provider]:
+        """Peers serving a model with the same compat key, deduplicated, probed, nearest first."""
+        if self.discovery is None:
+            raise RuntimeError("DHT is disabled (dht.enabled = false)")
+        key = signature_or_key if isinstance(signature_or_key, str) else signature_or_key.compat_key
+        return await self.discovery.find(key, limit=limit)
+
+    async def _find_route(self, tail: str) -> list[dict[str, Any]] | None:
+        if not tail:
+            return None
+        found = await self.find_compatible(tail)
+        return [{"peer_id": p.peer_id, "addrs": list(p.addrs), "reachability": p.reachability,
+                 "latency_ms": p.latency_ms, "family": p.signature.family} for p in found]
+
+    # -- tensor sessions -------------------------------------------------------------------------
+    @property
+    def signature(self) -> ModelSignature | None:
+        return self.tensors.signature
+
+    def serve(self, signature: ModelSignature) -> None:
+        """Declare the model whose state this node exchanges (handshakes compare against it)."""
+        self.tensors.signature = signature
+
+    async def open_session(self, peer: str | ID) -> TensorSession:
+        """Open an end-to-end encrypted tensor session (the handshake checks model signatures).
+
+        The session is recorded in a replicated CRDT document shared with the peer.
+        """
+        pid = peer if isinstance(peer, ID) else ID.from_base58(str(peer))
+        ts = await self.tensors.open(pid)
+        assert self.signature is not None
+        try:
+            self.crdt.create_session(ts.session_id, self.signature.compat_key,
+                                     {str(self.peer_id): "sender", str(pid): "receiver"})
+        except Exception as exc:  # metadata must never block the data path
+            log.warning("could not create session document", extra=kv(err=exc))
+        return ts
+
+    async def accept_session(self, timeout_s: float | None = None) -> TensorSession:
+        """Wait for a peer to open a tensor session to us."""
+        return await self.tensors.accept(timeout_s)
+
+    def _on_tensor_event(self, what: str, ts: TensorSession, item: Any) -> None:
+        m = self.metrics
+        if what == "received" and isinstance(item, Received):
+            m.transfers.labels(direction="in", path=item.path, result="ok").inc()
+            m.transfer_bytes.labels(direction="in", path=item.path).inc(len(item.buffer))
+        elif what == "rejected":
+            m.transfers.labels(direction="in" if item.local else "out", path="stream",
+                               result="rejected").inc()
+
+    def record_sent(self, ts: TensorSession, sent: Sent, kind: str, layers: tuple[int, int],
+                    tokens: tuple[int, int]) -> None:
+        """Log a completed transfer (path, bytes, time, checksums) in the session's CRDT log."""
+        self.metrics.transfers.labels(direction="out", path=sent.path, result="ok").inc()
+        self.metrics.transfer_bytes.labels(direction="out", path=sent.path).inc(sent.nbytes)
+        try:
+            mid = self.crdt.log_message(
+                ts.session_id, kind=kind, receiver=str(ts.peer_id), message_id=str(sent.message_id),
+                layers=layers, tokens=tokens, nbytes=sent.nbytes, checksums=[c.hex() for c in sent.checksums],
+                path=sent.path, timings={"transfer_s": sent.elapsed_s})
+            self.crdt.record_outcome(ts.session_id, mid, "applied", "receiver acknowledged checksums")
+        except Exception as exc:
+            log.warning("could not log transfer", extra=kv(err=exc))
+
     # -- introspection ---------------------------------------------------------------------------
     @property
     def addrs(self) -> list[multiaddr.Multiaddr]:
@@ -161,6 +262,14 @@ class Node:
             self.metrics.streams.set(self._stream_count())
             await trio.sleep(1.0)
 
+    def _sessions_route(self, tail: str) -> Any:
+        if not tail:
+            return self.crdt.list_sessions()
+        try:
+            return self.crdt.get(tail)
+        except KeyError:
+            return None
+
     def _routes(self) -> dict[str, control.Route]:
         def metrics_route(_tail: str) -> tuple[int, str, bytes]:
             self.metrics.connections.set(len(self.host.get_connected_peers()))
@@ -171,6 +280,9 @@ class Node:
             "/status": control.json_route(lambda _t: self.status()),
             "/peers": control.json_route(lambda _t: self.peers()),
             "/metrics": metrics_route,
+            "/find": control.async_json_route(self._find_route),
+            "/sessions": control.json_route(self._sessions_route),
+            "/models": control.json_route(lambda _t: sorted(self.discovery.served) if self.discovery else []),
         }
 
 

@@ -16,8 +16,8 @@ from libp2p.abc import IHost
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
 
+from discovery.streamio import FrameError, frame, read_frame, unpack_bounded
 from meshnode.logs import get_logger, kv
-from meshnode.streamio import FrameError, frame, read_frame, unpack_bounded
 
 PEX_PROTOCOL = "/latentlink/pex/1.0.0"
 MAX_REPLY_BYTES = 256 * 1024

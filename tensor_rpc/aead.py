@@ -15,9 +15,14 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import nacl.bindings
 from nacl._sodium import ffi, lib
 
 from .errors import ErrorCode, ProtocolError
+
+# Without sodium_init() libsodium never detects AES-NI and AEGIS runs ~400x slower (measured:
+# 0.016 vs 6.6 GB/s). PyNaCl only calls it when nacl.bindings is imported; make it explicit.
+nacl.bindings.sodium_init()
 
 
 @dataclass(frozen=True)
@@ -83,8 +88,10 @@ class Sealer:
             raise ProtocolError(ErrorCode.LIMIT, "seal output buffer too small")
         if not any(self._key):
             raise ProtocolError(ErrorCode.STATE, "session keys wiped")
-        rc = self.suite.encrypt(ffi.from_buffer(out, require_writable=True), self._clen,
-                                ffi.from_buffer(plain), n, ad, len(ad), ffi.NULL, nonce, self._kp)
+        # release cffi buffer exports before anything can raise: a traceback holding an exported
+        # memoryview in a reference cycle crashes CPython's GC (seen under the fuzzer)
+        with ffi.from_buffer(out, require_writable=True) as dst, ffi.from_buffer(plain) as src:
+            rc = self.suite.encrypt(dst, self._clen, src, n, ad, len(ad), ffi.NULL, nonce, self._kp)
         if rc != 0:  # pragma: no cover
             raise ProtocolError(ErrorCode.STATE, "encryption failed")
         return n + self.suite.tag_bytes
@@ -129,9 +136,10 @@ class Opener:
             raise ProtocolError(ErrorCode.DECRYPT, "sealed length does not match its slot")
         if not any(self._key):
             raise ProtocolError(ErrorCode.STATE, "session keys wiped")
-        dst = ffi.from_buffer(out, require_writable=True) if n else ffi.new("unsigned char[1]")
-        rc = self.suite.decrypt(dst, self._mlen, ffi.NULL, ffi.from_buffer(sealed), len(sealed),
-                                ad, len(ad), nonce, self._kp)
+        with (ffi.from_buffer(out, require_writable=True) if n else ffi.new("unsigned char[1]")) as dst, \
+                ffi.from_buffer(sealed) as src:
+            rc = self.suite.decrypt(dst, self._mlen, ffi.NULL, src, len(sealed), ad, len(ad),
+                                    nonce, self._kp)
         if rc != 0:
             raise ProtocolError(ErrorCode.DECRYPT, "authentication failed")
         return n

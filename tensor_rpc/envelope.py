@@ -151,7 +151,8 @@ def validate_specs(specs: Sequence[TensorSpec], bounds: EnvelopeBounds) -> None:
     if len(specs) > bounds.max_tensors_per_message:
         raise ProtocolError(ErrorCode.LIMIT, "too many tensors")
     for s in specs:
-        _spec(s.to_wire() if s.blake3 else s.to_wire()[:4] + [b"\x00" * CHECKSUM_BYTES], bounds)
+        _spec([s.name, s.dtype, list(s.shape), s.byte_length, s.blake3 or bytes(CHECKSUM_BYTES)],
+              bounds)
     if sum(s.byte_length for s in specs) > bounds.max_message_bytes:
         raise ProtocolError(ErrorCode.LIMIT, "payload exceeds max_message_bytes")
 
@@ -199,9 +200,10 @@ def _spec(x: Any, bounds: EnvelopeBounds) -> TensorSpec:
     if dtype not in bounds.dtypes:
         raise ProtocolError(ErrorCode.UNSUPPORTED, f"dtype {dtype} not negotiated")
     if not isinstance(shape, (list, tuple)) or len(shape) > MAX_NDIM or not all(
-            isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= bounds.max_message_bytes
-            for s in shape):
+            isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape):
         raise ProtocolError(ErrorCode.MALFORMED, f"bad shape for tensor {name!r}")
+    if any(s > bounds.max_message_bytes for s in shape):
+        raise ProtocolError(ErrorCode.LIMIT, f"dimension of {name!r} exceeds the message limit")
     if isinstance(nbytes, bool) or not isinstance(nbytes, int) or not 0 <= nbytes <= bounds.max_message_bytes:
         raise ProtocolError(ErrorCode.LIMIT, f"byte_length of {name!r} out of range")
     if math.prod(shape) * DTYPES[dtype] != nbytes:

@@ -39,19 +39,27 @@ def encode_frame(ftype: FrameType, body: bytes | bytearray | memoryview) -> byte
 
 
 class FrameDecoder:
-    """Incremental frame parser: feed bytes, pull ``(type, body)`` pairs. Never buffers > bound."""
+    """Incremental frame parser: feed bytes, pull ``(type, body)`` pairs. Never buffers > bound.
+
+    Consumed bytes are dropped lazily (read offset + occasional compaction), so a feed holding many
+    frames costs O(n), not O(n²) memmoves.
+    """
 
     def __init__(self, max_body: int) -> None:
         self.max_body = max_body
         self._buf = bytearray()
+        self._pos = 0
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
+        if self._pos and self._pos == len(self._buf):
+            self._buf.clear()
+            self._pos = 0
         self._buf += data
-        if len(self._buf) >= HEADER_BYTES:
+        if self.buffered >= HEADER_BYTES:
             self._check_header()
 
     def _check_header(self) -> tuple[int, int]:
-        ftype, length = HEADER.unpack_from(self._buf, 0)
+        ftype, length = HEADER.unpack_from(self._buf, self._pos)
         if ftype not in _KNOWN:
             raise ProtocolError(ErrorCode.MALFORMED, f"unknown frame type 0x{ftype:02x}")
         if length > self.max_body:
@@ -60,16 +68,24 @@ class FrameDecoder:
 
     def next_frame(self) -> tuple[FrameType, bytes] | None:
         """The next complete frame, or None if more bytes are needed."""
-        if len(self._buf) < HEADER_BYTES:
+        if self.buffered < HEADER_BYTES:
             return None
         ftype, length = self._check_header()
-        end = HEADER_BYTES + length
+        start = self._pos + HEADER_BYTES
+        end = start + length
         if len(self._buf) < end:
             return None
-        body = bytes(self._buf[HEADER_BYTES:end])
-        del self._buf[:end]
+        with memoryview(self._buf) as mv:
+            body = bytes(mv[start:end])
+        self._pos = end
+        if self._pos == len(self._buf):
+            self._buf.clear()
+            self._pos = 0
+        elif self._pos >= 1 << 20 and self._pos * 2 >= len(self._buf):
+            del self._buf[:self._pos]
+            self._pos = 0
         return FrameType(ftype), body
 
     @property
     def buffered(self) -> int:
-        return len(self._buf)
+        return len(self._buf) - self._pos

@@ -173,6 +173,8 @@ def encode_auth(public_key: bytes, signature: bytes, token_proof: bytes | None) 
 
 def decode_auth(body: bytes) -> tuple[bytes, bytes, bytes | None]:
     d = unpack_map(body, MAX_HANDSHAKE_FRAME, max_array=4, max_map=8, max_str=64, max_bin=4096)
+    if set(d) != {"idk", "sig", "tok"}:  # AUTH is not covered by the transcript: exact keys only
+        raise ProtocolError(ErrorCode.MALFORMED, "AUTH must have exactly idk, sig, tok")
     tok = d.get("tok")
     if tok is not None and (not isinstance(tok, bytes) or len(tok) != 32):
         raise ProtocolError(ErrorCode.MALFORMED, "token proof must be 32 bytes")

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from nacl._sodium import ffi, lib
 
+from . import aead as _aead  # noqa: F401  (runs sodium_init before any key is made)
 from .errors import ErrorCode, ProtocolError
 
 KEY_BYTES = 32
@@ -22,7 +23,8 @@ _KDF_LABEL = b"latentlink/tensor-rpc/key/v1\x00"
 def wipe(buf: bytearray) -> None:
     """Overwrite a secret in place (sodium_memzero cannot be optimised away)."""
     if len(buf):
-        lib.sodium_memzero(ffi.from_buffer(buf, require_writable=True), len(buf))
+        with ffi.from_buffer(buf, require_writable=True) as p:
+            lib.sodium_memzero(p, len(buf))
 
 
 class EphemeralKey:
@@ -31,8 +33,9 @@ class EphemeralKey:
     def __init__(self) -> None:
         self.public = bytearray(lib.crypto_kx_publickeybytes())
         self._secret = bytearray(lib.crypto_kx_secretkeybytes())
-        rc = lib.crypto_kx_keypair(ffi.from_buffer(self.public, require_writable=True),
-                                   ffi.from_buffer(self._secret, require_writable=True))
+        with ffi.from_buffer(self.public, require_writable=True) as pk, \
+                ffi.from_buffer(self._secret, require_writable=True) as sk:
+            rc = lib.crypto_kx_keypair(pk, sk)
         if rc != 0:  # pragma: no cover - libsodium never fails here
             raise ProtocolError(ErrorCode.STATE, "key generation failed")
 
@@ -42,8 +45,10 @@ class EphemeralKey:
             raise ProtocolError(ErrorCode.STATE, "ephemeral key unusable")
         rx, tx = bytearray(KEY_BYTES), bytearray(KEY_BYTES)
         fn = lib.crypto_kx_client_session_keys if initiator else lib.crypto_kx_server_session_keys
-        rc = fn(ffi.from_buffer(rx, require_writable=True), ffi.from_buffer(tx, require_writable=True),
-                ffi.from_buffer(self.public), ffi.from_buffer(self._secret), bytes(peer_public))
+        with ffi.from_buffer(rx, require_writable=True) as prx, \
+                ffi.from_buffer(tx, require_writable=True) as ptx, \
+                ffi.from_buffer(self.public) as pk, ffi.from_buffer(self._secret) as sk:
+            rc = fn(prx, ptx, pk, sk, bytes(peer_public))
         wipe(self._secret)
         if rc != 0:
             wipe(rx)

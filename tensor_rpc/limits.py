@@ -45,6 +45,9 @@ class Limits:
     max_sessions_per_peer: int = 8
     # [transport]
     recv_window_bytes: int = 64 * MiB
+    transfer_timeout_s: float = 120.0  # an incomplete incoming message is rejected after this
+    # not (yet) a config key: BLAKE3 threads per large tensor, 1 = single, 0 = blake3 AUTO
+    hash_threads: int = 1
 
     def __post_init__(self) -> None:
         for name in ("ciphers", "allowlist", "denylist"):

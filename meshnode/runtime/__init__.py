@@ -1,0 +1,11 @@
+"""Model runtime: the only package that imports transformers.
+
+Modules, one job each (import them directly; this package import stays light):
+
+* ``loader``   — load HF dir / GGUF / ``"smollm2"`` / :class:`TinySpec`; yields a ``LoadedModel``
+  with its ``ModelSignature``.
+* ``kv``       — KV_CACHE / KV_CACHE_DELTA capture, inject, greedy continuation (DESIGN.md §10).
+* ``hidden``   — HIDDEN_SLICE;  ``residual`` — RESIDUAL_PATCH;  ``prefix`` — VIRTUAL_PREFIX.
+* ``buffers``  — zero-copy tensors over received byte buffers (``torch.frombuffer``) and back.
+* ``arch``     — where decoder layers live per family.
+"""

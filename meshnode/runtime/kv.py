@@ -13,7 +13,9 @@ The exact recipe, and why each step is here:
 * An fp32 model fed bf16 KV runs silently and drifts: dtypes must match, or inject refuses.
 
 Tensors are named ``L{i}.k`` / ``L{i}.v`` ([batch, kv_heads, tokens, head_dim]), plus ``logits``
-([vocab], the sender's last-position logits). ``meta`` holds scalars only, so it fits the envelope.
+([vocab], the sender's last-position logits). ``meta`` holds scalars and one list
+(``cumulative_length``, per captured layer, ``None`` for full-attention layers) so it fits the
+envelope's bounded meta map however many layers the model has.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ from meshnode.runtime.loader import DTYPES, LoadedModel
 KIND_FULL = "KV_CACHE"
 KIND_DELTA = "KV_CACHE_DELTA"
 
-Meta = dict[str, str | int | float | bool | None]
+Meta = dict[str, Any]  # scalars, or lists of scalars (the envelope's ``meta`` map allows both)
+APPLY = {KIND_FULL: "OVERWRITE", KIND_DELTA: "APPEND"}
 Tensors = dict[str, torch.Tensor]
 
 
@@ -98,25 +101,29 @@ def capture(lm: LoadedModel, state: State, *, layers: tuple[int, int] | None = N
         raise ValueError(f"bad range layers={la, lb} tokens={t0, t1} (cache {state.length})")
     tdtype = DTYPES[dtype] if dtype else lm.dtype
     out: Tensors = {}
+    kind = kind or (KIND_FULL if t0 == 0 else KIND_DELTA)
+    cumulative: list[int | None] = []
     meta: Meta = {
-        "kind": kind or (KIND_FULL if t0 == 0 else KIND_DELTA),
+        "kind": kind, "apply": APPLY[kind],
         "layer_start": la, "layer_end": lb, "token_start": t0, "token_end": t1,
         "batch": 0, "dtype": str(tdtype).removeprefix("torch."), "threads": lm.threads,
-        "next_token": state.next_token,
+        "next_token": state.next_token if t1 == state.length else None,
+        "cumulative_length": cumulative,
     }
     for i in range(la, lb):
         layer = cache.layers[i]
         held = layer.keys.shape[-2]
         first = state.length - held  # absolute position of the first held key (sliding layers drop old ones)
+        if layer.is_sliding and t1 != state.length:
+            raise ValueError(f"sliding layer {i} can only be captured up to the cache end")
         if first > t0 and not layer.is_sliding:
             raise ValueError(f"layer {i} no longer holds tokens from {t0}")  # pragma: no cover
         a, b = max(t0, first) - first, t1 - first
         for part, tensor in (("k", layer.keys), ("v", layer.values)):
             piece = tensor[:, :, a:b] if (a, b) != (0, held) else tensor
             out[f"L{i}.{part}"] = piece.to(tdtype).contiguous()
-        if layer.is_sliding:
-            meta[f"L{i}.cumulative_length"] = int(layer.cumulative_length)
-            meta[f"L{i}.start"] = first + a
+        # sliding pieces always end at t1, so their start is t1 - held: only the length travels
+        cumulative.append(int(layer.cumulative_length) if layer.is_sliding else None)
     if include_logits and state.first_logits is not None and t1 == state.length:
         out["logits"] = state.first_logits.contiguous()
     return out, meta
@@ -178,7 +185,7 @@ def inject(lm: LoadedModel, tensors: Tensors, meta: Meta, *, strict_threads: boo
         k, v = tensors[f"L{i}.k"], tensors[f"L{i}.v"]
         cum = length
         if layer.is_sliding:
-            cum = int(meta.get(f"L{i}.cumulative_length", -1))  # type: ignore[arg-type]
+            cum = _cumulative(meta, i)
             if cum != length or k.shape[2] != min(length, layer.sliding_window - 1):
                 raise KVMismatch(f"L{i}: sliding layer holds {k.shape[2]} of {cum}, expected {length}")
         elif k.shape[2] != length:
@@ -205,11 +212,11 @@ def apply_delta(lm: LoadedModel, state: State, tensors: Tensors, meta: Meta, *,
     for i, layer in enumerate(layers):
         k, v = tensors[f"L{i}.k"], tensors[f"L{i}.v"]
         if layer.is_sliding:
-            cum = int(meta.get(f"L{i}.cumulative_length", -1))  # type: ignore[arg-type]
+            cum = _cumulative(meta, i)
             if cum != end:
                 raise KVMismatch(f"L{i}: sliding length {cum} != {end}")
-            if int(meta.get(f"L{i}.start", -1)) != end - k.shape[2]:  # type: ignore[arg-type]
-                raise KVMismatch(f"L{i}: sliding delta does not end at {end}")
+            if k.shape[2] != min(end - state.length, layer.sliding_window - 1):
+                raise KVMismatch(f"L{i}: sliding delta holds {k.shape[2]} tokens")
             keys = torch.cat([layer.keys, k], dim=-2)[:, :, -(layer.sliding_window - 1):]
             vals = torch.cat([layer.values, v], dim=-2)[:, :, -(layer.sliding_window - 1):]
             staged.append((layer, keys, vals, cum))
@@ -233,6 +240,14 @@ def _set_layer(layer: Any, k: torch.Tensor, v: torch.Tensor, cum: int) -> None:
     layer.keys, layer.values = k, v
     if layer.is_sliding:
         layer.cumulative_length = cum  # DESIGN.md §10: lost by DynamicCache(ddp_cache_data=...)
+
+
+def _cumulative(meta: Meta, layer: int) -> int:
+    """The shipped true length of a sliding layer (DESIGN.md §10); -1 when missing."""
+    cl = meta.get("cumulative_length")
+    if not isinstance(cl, list) or len(cl) <= layer or not isinstance(cl[layer], int):
+        return -1
+    return cl[layer]
 
 
 def _opt_int(v: Any) -> int | None:
@@ -263,11 +278,47 @@ def continue_greedy(lm: LoadedModel, state: State, n_tokens: int) -> tuple[list[
 
 
 @torch.inference_mode()
+def continue_generate(lm: LoadedModel, state: State, n_tokens: int) -> tuple[list[int], torch.Tensor]:
+    """Like :func:`continue_greedy` but through ``generate()`` (for callers that want its features).
+
+    ``generate`` needs ids for the whole context, yet the receiver never saw the prompt (zero tokens
+    are exchanged). The cache covers positions [0, length), so ``generate`` only embeds the ids after
+    them: we pass placeholders there and the real pending token last. Passing real prompt ids would
+    not help either — a cache that already holds them must not be fed them again (§10).
+    """
+    if state.next_token is None:
+        raise ValueError("state has no pending token")
+    from transformers import GenerationConfig
+
+    first = state.first_logits
+    head = first if first is not None else torch.full(
+        (lm.model.config.get_text_config().vocab_size,), float("nan"))
+    if n_tokens == 1:
+        return [state.next_token], head[None]
+    ids = torch.zeros((1, state.length + 1), dtype=torch.long)
+    ids[0, -1] = state.next_token
+    gc = GenerationConfig(max_new_tokens=n_tokens - 1, do_sample=False, eos_token_id=[],
+                          pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    out = lm.model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=state.cache,
+                            generation_config=gc)
+    tokens = [state.next_token, *out.sequences[0, state.length + 1:].tolist()]
+    rows = [head, *(x[0].float() for x in out.logits)]
+    state.length = state.cache.get_seq_length()
+    if state.length != ids.shape[1] + n_tokens - 2:
+        raise RuntimeError("generate() fed an unexpected number of tokens")  # pragma: no cover
+    state.next_token, state.first_logits = tokens[-1], rows[-1]
+    return tokens, torch.stack(rows)
+
+
+@torch.inference_mode()
 def generate_reference(lm: LoadedModel, prompt_ids: list[int], n_tokens: int) -> tuple[list[int], torch.Tensor]:
     """What the sender would produce continuing itself with ``generate()`` (greedy)."""
-    out = lm.model.generate(torch.tensor([prompt_ids]), attention_mask=torch.ones((1, len(prompt_ids)),
-                            dtype=torch.long), max_new_tokens=n_tokens, min_new_tokens=n_tokens,
-                            do_sample=False, output_logits=True, return_dict_in_generate=True,
-                            pad_token_id=0)
+    from transformers import GenerationConfig
+
+    # eos_token_id=[] (not min_new_tokens, which masks EOS and changes the choice) keeps decoding
+    gc = GenerationConfig(max_new_tokens=n_tokens, do_sample=False, eos_token_id=[], pad_token_id=0,
+                          output_logits=True, return_dict_in_generate=True)
+    ids = torch.tensor([prompt_ids])
+    out = lm.model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=gc)
     toks = out.sequences[0, len(prompt_ids):].tolist()
     return toks, torch.stack([x[0].float() for x in out.logits])

@@ -108,7 +108,8 @@ def load_model(spec: str | os.PathLike[str] | TinySpec, dtype: str = "float32", 
     model.eval()
     tokenizer = _maybe_tokenizer(model_dir)
     digest = weights_digest(digest_src, cache_dir=cache)
-    sig = signature_from_config(model.config.to_dict(), digest)
+    # KV is exact only in the dtype the model runs, so that is the one dtype this node offers
+    sig = signature_from_config(model.config.to_dict(), digest, dtypes=(dtype,))
     return LoadedModel(model, tokenizer, sig, DTYPES[dtype], num_threads, model_dir)
 
 
@@ -150,6 +151,7 @@ def _save_dequantized(model: Any, out: Path) -> None:
     config = model.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
+    config.architectures = [type(model).__name__]  # GGUF configs lack it; the signature needs it
     config.save_pretrained(out)
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(out)

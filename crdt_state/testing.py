@@ -1,0 +1,81 @@
+"""Helpers for CRDT tests and benchmarks: in-process hosts and a frame pump between engines.
+
+The node builds its own host in ``meshnode/``; nothing in production imports this module.
+
+Noise only (DESIGN.md §7 trap 2), one connection per peer (trap 1: avoids a 250 ms connect stall),
+loopback TCP on an ephemeral port.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import multiaddr
+from libp2p import new_host
+from libp2p.abc import IHost
+from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.crypto.keys import KeyPair
+from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
+from libp2p.network.config import ConnectionConfig
+from libp2p.peer.peerinfo import PeerInfo
+from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
+from libp2p.security.noise.transport import Transport as NoiseTransport
+
+from crdt_state.schema import TensorMessage
+from crdt_state.sync import SyncEngine
+
+LOOPBACK = "/ip4/127.0.0.1/tcp/0"
+
+
+def make_host(key_pair: KeyPair | None = None) -> tuple[IHost, KeyPair]:
+    key_pair = key_pair or create_new_key_pair()
+    noise = NoiseTransport(libp2p_keypair=key_pair,
+                           noise_privkey=create_x25519_key_pair().private_key)
+    host = new_host(key_pair=key_pair, sec_opt={NOISE_PROTOCOL_ID: noise},
+                    connection_config=ConnectionConfig(max_connections_per_peer=1))
+    return host, key_pair
+
+
+@asynccontextmanager
+async def running_host(key_pair: KeyPair | None = None) -> AsyncIterator[tuple[IHost, KeyPair]]:
+    host, kp = make_host(key_pair)
+    async with host.run(listen_addrs=[multiaddr.Multiaddr(LOOPBACK)]):
+        yield host, kp
+
+
+def introduce(hosts: list[IHost]) -> None:
+    """Put every host's listen addresses into every other's peerstore, so they can dial."""
+    for a in hosts:
+        for b in hosts:
+            if a is not b:
+                a.get_peerstore().add_addrs(b.get_id(), b.get_addrs(), 3600)
+
+
+async def connect(a: IHost, b: IHost) -> None:
+    await a.connect(PeerInfo(b.get_id(), b.get_addrs()))
+
+
+def pump(engines: list[SyncEngine], start: list[tuple[int, int, bytes]], now: float = 0.0) -> int:
+    """Deliver frames between engines (index -> index) until quiet; returns bytes moved."""
+    ids = [e.local_peer for e in engines]
+    queue = list(start)
+    moved = 0
+    while queue:
+        src, dst, frame = queue.pop(0)
+        moved += len(frame)
+        out = engines[dst].receive(ids[src], frame, now)
+        queue.extend((dst, src, f) for f in out.frames)
+    return moved
+
+
+def hello_all(engines: list[SyncEngine]) -> list[tuple[int, int, bytes]]:
+    return [(i, j, f) for i, e in enumerate(engines) for j, o in enumerate(engines)
+            if i != j for f in e.hello(o.local_peer)]
+
+
+def sample_message(i: int, sender: str) -> TensorMessage:
+    return TensorMessage(message_id=f"m{i}", kind="KV_CACHE", sender=sender, receiver="x",
+                         layers=(0, 11), tokens=(i, i + 8), nbytes=4096 + i,
+                         checksums=("ab" * 16,), path="shm", sent_at=float(i),
+                         timings={"encode_ms": 0.25})

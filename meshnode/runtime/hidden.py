@@ -1,0 +1,76 @@
+"""HIDDEN_SLICE: the residual stream after layer L, so a peer can run layers L+1..N-1 and the head.
+
+The receiver runs its normal forward with blocks 0..L swapped for pass-throughs (block L returns
+the received hidden states), so only layers L+1..N-1 compute; everything downstream (masks, RoPE,
+final norm, tied head) is the model's own code, which is why the receiver's logits equal the
+sender's bitwise. transformers 5.x blocks all return a bare tensor, which the pass-through mimics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from meshnode.runtime.arch import decoder_layers, layer_hidden
+from meshnode.runtime.kv import Meta, Tensors
+from meshnode.runtime.loader import DTYPES, LoadedModel
+
+KIND = "HIDDEN_SLICE"
+
+
+class HiddenMismatch(ValueError):
+    """A hidden slice that cannot be applied to this model; nothing was run."""
+
+
+@torch.inference_mode()
+def capture_hidden(lm: LoadedModel, ids: list[int], layer: int,
+                   tokens: tuple[int, int] | None = None) -> tuple[Tensors, Meta, torch.Tensor]:
+    """Forward ``ids``; return ({"hidden": [1, T, H]}, meta, sender logits [T, vocab] fp32)."""
+    layers = decoder_layers(lm.model)
+    if not 0 <= layer < len(layers):
+        raise ValueError(f"layer {layer} out of range")
+    t0, t1 = tokens or (0, len(ids))
+    seen: list[torch.Tensor] = []
+    handle = layers[layer].register_forward_hook(lambda m, a, out: seen.append(layer_hidden(out)))
+    try:
+        logits = lm.model(input_ids=torch.tensor([ids]), use_cache=False).logits[0].float()
+    finally:
+        handle.remove()
+    hidden = seen[0][:, t0:t1].contiguous()
+    meta: Meta = {"kind": KIND, "apply": "OVERWRITE", "layer_start": layer, "layer_end": layer + 1, "token_start": t0,
+                  "token_end": t1, "batch": 0, "dtype": lm.dtype_name, "threads": lm.threads}
+    return {"hidden": hidden}, meta, logits[t0:t1]
+
+
+@torch.inference_mode()
+def run_from_hidden(lm: LoadedModel, tensors: Tensors, meta: Meta) -> torch.Tensor:
+    """Receiver: logits [T, vocab] (fp32) from the sender's hidden states after layer L."""
+    layers = decoder_layers(lm.model)
+    layer = int(meta.get("layer_start", -1))  # type: ignore[arg-type]
+    hidden = tensors.get("hidden")
+    if meta.get("kind") != KIND or not 0 <= layer < len(layers) or hidden is None:
+        raise HiddenMismatch("not a usable hidden slice")
+    if meta.get("token_start") != 0:
+        raise HiddenMismatch("slices not starting at token 0 need the earlier tokens' KV")
+    if hidden.dtype != DTYPES.get(str(meta.get("dtype")), None) or hidden.dtype != lm.dtype:
+        raise HiddenMismatch(f"hidden dtype {hidden.dtype} != model {lm.dtype}")
+    hsize = lm.model.config.get_text_config().hidden_size
+    if hidden.dim() != 3 or hidden.shape[0] != 1 or hidden.shape[2] != hsize:
+        raise HiddenMismatch(f"hidden shape {tuple(hidden.shape)} != [1, T, {hsize}]")
+    n = hidden.shape[1]
+
+    def skip(i: int) -> Callable[..., torch.Tensor]:
+        def forward(hidden_states: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+            return hidden if i == layer else hidden_states
+        return forward
+
+    skipped = list(layers[: layer + 1])
+    for i, block in enumerate(skipped):  # instance attribute shadows the class's forward
+        block.forward = skip(i)
+    try:
+        placeholder = torch.zeros((1, n), dtype=torch.long)  # embedded, then passed through unused
+        return lm.model(input_ids=placeholder, use_cache=False).logits[0].float()
+    finally:
+        for block in skipped:
+            del block.forward

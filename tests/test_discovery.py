@@ -1,0 +1,131 @@
+"""DHT discovery across real processes: exact provider sets, forged records refused, TTL."""
+
+import signal
+from concurrent.futures import ThreadPoolExecutor
+import time
+
+import msgpack
+import pytest
+import trio
+from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.peer.id import ID
+
+from discovery.records import RecordError, RecordValidator, make_record, parse_record, record_key
+from meshnode.config import load_config
+from meshnode.node import open_node
+from tests.helpers.cluster import ClusterProc
+from tests.helpers.nodeproc import wait_until
+from tests.helpers.sigs import fake_signature
+
+FAST = ["dht.refresh_interval_s=2", "dht.probe_timeout_s=3", "host.peer_exchange_interval_s=0.5"]
+
+
+def _found(node: dict, key: str) -> set[str]:
+    return {p["peer_id"] for p in ClusterProc.get(node, f"/find/{key}")}
+
+
+def test_thirty_nodes_three_models_find_exactly_their_providers(tmp_path):
+    # Peer exchange off: the DHT has to route over the sparse random bootstrap graph by itself.
+    sets = FAST + ["host.max_peer_exchange=0"]
+    procs = [ClusterProc(tmp_path / "p0", 10, [0, 1, 2], sets=sets, seed=1)]
+    try:
+        for k in (1, 2):
+            seeds = [n["addr"] for p in procs for n in p.nodes]
+            procs.append(ClusterProc(tmp_path / f"p{k}", 10, [0, 1, 2], bootstrap=seeds[::3], sets=sets, seed=k + 1))
+        nodes = [n for p in procs for n in p.nodes]
+        assert len(nodes) == 30
+        keys = {i: fake_signature(i).compat_key for i in range(3)}
+        providers = {i: {n["peer_id"] for n in nodes if n["model"] == i} for i in range(3)}
+
+        last_bad: list = []
+
+        def check(n):
+            want = providers[n["model"]] - {n["peer_id"]}
+            got = _found(n, keys[n["model"]])
+            return None if got == want else (n["peer_id"][-6:], f"missing {len(want - got)}", f"extra {len(got - want)}")
+
+        def all_exact():
+            with ThreadPoolExecutor(8) as ex:
+                bad = [b for b in ex.map(check, nodes) if b]
+            last_bad[:] = bad
+            return not bad
+
+        try:
+            wait_until(all_exact, 120, 1.0, "every node to find exactly the providers of its model")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; still wrong: {last_bad}") from None
+    finally:
+        codes = [p.stop() for p in procs]
+    assert codes == [0, 0, 0]
+
+
+def test_killed_provider_disappears_within_ttl(tmp_path):
+    sets = FAST + ["dht.record_ttl_s=4"]
+    a = ClusterProc(tmp_path / "a", 3, [0], sets=sets)
+    b = ClusterProc(tmp_path / "b", 1, [0], bootstrap=[a.nodes[0]["addr"]], sets=sets)
+    try:
+        key = fake_signature(0).compat_key
+        victim = b.nodes[0]["peer_id"]
+        wait_until(lambda: victim in _found(a.nodes[1], key), 60, 0.5, "provider to be found")
+        b.stop(signal.SIGKILL)  # no withdrawal possible
+        t = time.time()
+        wait_until(lambda: victim not in _found(a.nodes[1], key), 4 + 10, 0.5, "dead provider to vanish")
+        assert time.time() - t <= 4 + 10
+    finally:
+        assert a.stop() == 0
+
+
+def test_forged_records_rejected():
+    v = RecordValidator(16 * 1024)
+    kp, other = create_new_key_pair(), create_new_key_pair()
+    pid = ID.from_pubkey(kp.public_key)
+    good = make_record(kp, [fake_signature(0)], ["/ip4/127.0.0.1/tcp/1"], seq=1, ttl_s=60)
+    v.validate(record_key(pid), good)
+    body, pub, sig = msgpack.unpackb(good)
+    # Wrong signature (signed by another key but claiming kp's public key).
+    forged = msgpack.packb([body, pub, other.private_key.sign(b"latentlink/record/v1\x00" + body)])
+    with pytest.raises(RecordError, match="signature"):
+        v.validate(record_key(pid), forged)
+    # Another peer's valid record stored under our key.
+    theirs = make_record(other, [fake_signature(0)], [], seq=1, ttl_s=60)
+    with pytest.raises(RecordError, match="foreign key"):
+        v.validate(record_key(pid), theirs)
+    # Tampered body.
+    with pytest.raises(RecordError):
+        v.validate(record_key(pid), msgpack.packb([body[:-1] + b"\x00", pub, sig]))
+    with pytest.raises(RecordError, match="exceeds"):
+        RecordValidator(64).validate(record_key(pid), good)
+    with pytest.raises(RecordError, match="malformed"):
+        v.validate(record_key(pid), b"\xc1garbage")
+    with pytest.raises(RecordError, match="expired"):
+        parse_record(make_record(kp, [], [], seq=2, ttl_s=1, now=time.time() - 100), 16 * 1024)
+    assert v.select(record_key(pid), [good, make_record(kp, [], [], seq=5, ttl_s=60)]) == 1
+
+
+async def test_remote_store_refuses_forged_and_lookup_ignores_unserved_claims(tmp_path):
+    def cfg(name):
+        return load_config(env={}, overrides=[f"node.data_dir={tmp_path / name}",
+                                              "host.listen_addrs=/ip4/127.0.0.1/tcp/0",
+                                              "control.enabled=false", *FAST])
+
+    async with open_node(cfg("a")) as a, open_node(cfg("b")) as b, open_node(cfg("c")) as c:
+        await b.connect(str(a.addrs[0]))
+        await c.connect(str(a.addrs[0]))
+        await trio.sleep(1.5)  # routing tables filled
+        # c serves model 0 but also announces itself as a provider of model 1 (which its signed
+        # record does not list): lookups for model 1 must not return it.
+        await c.advertise(fake_signature(0))
+        await c.discovery.dht.provide(f"/latentlink/model/{fake_signature(1).compat_key}")
+        with trio.fail_after(20):
+            while not await b.find_compatible(fake_signature(0)):
+                await trio.sleep(0.5)
+        assert [p.peer_id for p in await b.find_compatible(fake_signature(0))] == [str(c.peer_id)]
+        assert await b.find_compatible(fake_signature(1)) == []
+        # A forged record pushed to a's store by b is refused there.
+        forged_for = c.peer_id
+        rec = make_record(b.key_pair, [fake_signature(1)], [], seq=10**15, ttl_s=60)
+        with pytest.raises(Exception):  # noqa: B017 — local validation refuses first
+            await b.discovery.dht.put_value(record_key(forged_for), rec)
+        stored = a.discovery.dht.value_store.get(record_key(forged_for).encode())
+        if stored is not None:
+            parse_record(stored.value, 16 * 1024, key=record_key(forged_for))  # still c's own
