@@ -17,10 +17,21 @@ NOISY_LOGGERS = ("libp2p", "multiaddr", "async_service", "async_exit_stack")
 
 
 class _Demote(logging.Filter):
+    """Handler filter: records from noisy third-party loggers become DEBUG (shown only at debug).
+
+    Applied on our handler, not on loggers, so it covers every child logger py-libp2p creates
+    lazily (``libp2p.network.swarm`` ...), whenever it is created.
+    """
+
+    def __init__(self, show_debug: bool) -> None:
+        super().__init__()
+        self.show_debug = show_debug
+
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno > logging.DEBUG:
+        if record.name.split(".", 1)[0] in NOISY_LOGGERS:
             record.levelno, record.levelname = logging.DEBUG, "DEBUG"
-        return logging.getLogger().isEnabledFor(logging.DEBUG)
+            return self.show_debug
+        return True
 
 
 class _Formatter(logging.Formatter):
@@ -50,24 +61,18 @@ def setup_logging(level: str = "info", as_json: bool = False) -> None:
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)
+    numeric = getattr(logging, level.upper())
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_Formatter(as_json))
+    handler.addFilter(_Demote(show_debug=numeric <= logging.DEBUG))
     root.addHandler(handler)
-    root.setLevel(getattr(logging, level.upper()))
+    root.setLevel(numeric)
+    # py-libp2p detaches its logger (no handler, propagate=False) unless LIBP2P_DEBUG is set, so
+    # its warnings fall through to Python's bare last-resort printer. Route them through us.
     for name in NOISY_LOGGERS:
         lg = logging.getLogger(name)
-        lg.filters = [f for f in lg.filters if not isinstance(f, _Demote)]
-        lg.addFilter(_Demote())
-    _demote_existing()
-
-
-def _demote_existing() -> None:
-    # py-libp2p creates many child loggers ("libp2p.network.swarm", ...); filters on a parent do not
-    # apply to records emitted by children, so attach to every existing one too.
-    for name, lg in logging.Logger.manager.loggerDict.items():
-        if isinstance(lg, logging.Logger) and name.split(".")[0] in NOISY_LOGGERS:
-            if not any(isinstance(f, _Demote) for f in lg.filters):
-                lg.addFilter(_Demote())
+        lg.propagate = True
+        lg.setLevel(logging.DEBUG if numeric <= logging.DEBUG else logging.WARNING)
 
 
 def get_logger(name: str) -> logging.LoggerAdapter:

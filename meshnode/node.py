@@ -62,6 +62,9 @@ class Node:
         self.crdt_store = UpdateStore(config.data_dir / "crdt", CrdtLimits.from_config(config.crdt))
         self.crdt = CrdtService(self.host, self.key_pair, self.crdt_store,
                                 CrdtLimits.from_config(config.crdt), config.host.dial_timeout_s)
+        self.metrics.add_byte_source(
+            "crdt", lambda: (self.crdt.stats.bytes_received, self.crdt.stats.bytes_sent))
+        self.metrics.add_byte_source("pex", lambda: (self.pex.bytes_in, self.pex.bytes_out))
         self.control_port: int | None = None
         self.started_at = time.time()
         self._stop = trio.Event()

@@ -30,6 +30,7 @@ class PeerExchange:
         self.host, self.max_peers, self.interval_s = host, max_peers, interval_s
         self.dial_timeout_s = dial_timeout_s
         self.on_dial = on_dial or (lambda ok: None)
+        self.bytes_in = self.bytes_out = 0
         host.set_stream_handler(PEX_PROTOCOL, self._handle)
 
     def _known_peers(self, exclude: ID) -> list[list]:
@@ -51,7 +52,9 @@ class PeerExchange:
     async def _handle(self, stream) -> None:
         try:
             peer = stream.muxed_conn.peer_id
-            await stream.write(frame(msgpack.packb(self._known_peers(peer))))
+            reply = frame(msgpack.packb(self._known_peers(peer)))
+            await stream.write(reply)
+            self.bytes_out += len(reply)
         except Exception as exc:
             log.debug("pex reply failed", extra=kv(err=exc))
         finally:
@@ -62,6 +65,7 @@ class PeerExchange:
         try:
             with trio.fail_after(self.dial_timeout_s):
                 body = await read_frame(stream, MAX_REPLY_BYTES)
+                self.bytes_in += len(body) + 4
         finally:
             await stream.close()
         infos = []

@@ -15,6 +15,7 @@ from libp2p.security.insecure.transport import PLAINTEXT_PROTOCOL_ID, InsecureTr
 from tests.helpers.nodeproc import ROOT, NodeProc, clean_env, meshnode_cmd, wait_until
 
 MESH_BOUND_S = 30.0
+PERSISTENT = {"identity.key", "crdt", "models"}
 
 
 def _shm_and_tmp_snapshot():
@@ -40,12 +41,15 @@ def test_five_nodes_form_a_mesh_and_cli_lists_peers(tmp_path):
         for other in ids - {last.peer_id}:
             assert other in r.stdout
         metrics = last.get("/metrics")
-        assert "latentlink_connections 4.0" in metrics or "latentlink_connections" in metrics
+        assert "latentlink_connections 4.0" in metrics
+        assert 'latentlink_protocol_bytes_total{direction="in",protocol="pex"}' in metrics
     finally:
         codes = [n.terminate() for n in nodes]
     assert codes == [0] * 5, [n.stderr() for n in nodes]
-    for n in nodes:  # SIGTERM leaves no stray files: only the identity key stays
-        assert sorted(os.listdir(n.data_dir)) == ["identity.key"], os.listdir(n.data_dir)
+    for n in nodes:  # SIGTERM leaves no stray files: only persistent state (identity, CRDT log) stays
+        left = set(os.listdir(n.data_dir))
+        assert "identity.key" in left and left <= PERSISTENT, left
+        assert not [f for f in os.listdir(n.data_dir / "crdt") if f.endswith(".tmp")]
         assert n.proc.poll() is not None
     assert _shm_and_tmp_snapshot() <= shm_before | set()
 
