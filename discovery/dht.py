@@ -3,34 +3,51 @@
 Per served model we publish a provider record under a CID derived from the compat key
 (:func:`discovery.records.provider_key`), and we keep one signed :mod:`discovery.records` record
 listing every model we serve. The signed record is served by the provider itself on
-``/latentlink/record/1.0.0`` (and also put in the DHT, best effort). A lookup trusts only the signed
-record: a provider whose record does not verify, does not list the key, is expired or is a
-withdrawal tombstone is dropped, and so is one that does not answer within ``probe_timeout_s``
-— fetching the record from the provider *is* the reachability probe, and its round trip is the
-latency we report. A provider that stops therefore vanishes from lookups at once, and at the
-latest when its record's TTL runs out.
+``/latentlink/record/1.0.0`` (a copy is also stored, best effort, on the peers that hold our
+provider records). A lookup trusts only the signed record: a provider whose record does not verify,
+does not list the key, is expired or is a withdrawal tombstone is dropped, and so is one that does
+not answer within ``probe_timeout_s`` — fetching the record from the provider *is* the reachability
+probe, and its round trip is the latency we report. A provider that stops therefore vanishes from
+lookups at once, and at the latest when its record's TTL runs out.
 
-py-libp2p traps handled here (DESIGN.md §7): the routing table is not filled from bootstrap or
-identify, so connected peers are added explicitly; ``find_providers`` returns duplicates and, when
-it holds any record locally, *only* local ones — we union local records with the answers of the
-closest peers ourselves.
+Why the DHT plumbing is ours rather than py-libp2p's (0.8.1; DESIGN.md §7):
+
+- The routing table is filled from nothing: not from bootstrap, not from identify, and py-libp2p's
+  own refresh runs every 10 minutes. We add connected peers ourselves and run a self-lookup (the
+  Kademlia join) with a growing period, so a node's table reaches beyond its bootstrap peer and the
+  peers closest to it learn about it.
+- ``provide`` sends ADD_PROVIDER to the closest peers *found at that moment*. A model advertised
+  while the mesh is still forming lands on the wrong peers, and redoing a full network lookup often
+  (what we used to do on every routing-table change) saturates a small machine. We re-announce on
+  a backoff schedule, and in between tell only peers that newly entered the k closest we know.
+- ``find_providers`` returns duplicates, returns *only* local records when it has any, and its
+  GET_PROVIDERS round drops the addresses of the closer peers it learns, so the next round cannot
+  dial them. Our lookup speaks GET_PROVIDERS itself, keeps those addresses, and stops when the
+  ``LOOKUP_QUORUM`` closest peers it knows have all answered.
+- A text key in a network lookup is refused by every server ("FIND_NODE key is not a valid
+  PeerId"), so the signed-record copy is stored directly on known peers, never via ``put_value``.
 """
 
 from __future__ import annotations
 
+import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import trio
+import varint
 from libp2p.abc import IHost
 from libp2p.crypto.keys import KeyPair
+from libp2p.kad_dht.common import MAX_DHT_MESSAGE_SIZE, PROTOCOL_ID
 from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
+from libp2p.kad_dht.pb.kademlia_pb2 import Message
 from libp2p.kad_dht.utils import sort_peer_ids_by_distance
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
 from libp2p.tools.anyio_service import background_trio_service
-
-from discovery.streamio import frame, read_frame
+from libp2p.utils.varint import read_varint_prefixed_bytes_limited
+from multiaddr import Multiaddr
 
 from discovery.records import (
     NAMESPACE,
@@ -39,17 +56,24 @@ from discovery.records import (
     RecordValidator,
     make_record,
     parse_record,
-    provider_key,
     provider_key_bytes,
     record_key,
 )
 from discovery.signature import ModelSignature
+from discovery.streamio import frame, read_frame
 
-ROUTING_FILL_INTERVAL_S = 0.5
-LOOKUP_FANOUT = 8
-LOOKUP_ROUNDS = 4
 RECORD_PROTOCOL = "/latentlink/record/1.0.0"
-REPUBLISH_MIN_GAP_S = 1.0
+K = 20  # Kademlia replication factor: provider records go to the K closest peers
+ALPHA = 8  # queries in flight per lookup
+LOOKUP_QUORUM = 8  # a lookup ends once this many of the closest known peers have answered
+LOOKUP_MAX_ROUNDS = 10
+RPC_TIMEOUT_S = 5.0  # one DHT request/response; generous because 2-vCPU hosts run many nodes
+LOOKUP_TIMEOUT_S = 15.0  # a whole lookup; what it found by then is returned
+PROBE_CACHE_S = 5.0  # a verified record is reused this long while its provider stays connected
+MAINTAIN_INTERVAL_S = 0.5  # how often connected peers are added to the table
+WALK_FIRST_S, WALK_MAX_S = 1.0, 60.0  # self-lookup period: doubles from first to max
+ANNOUNCE_FIRST_S = 2.0  # full re-announce period after advertise: doubles up to refresh_interval_s
+PEERSTORE_ADDR_TTL_S = 3600
 
 
 @dataclass(frozen=True)
@@ -72,11 +96,14 @@ class DiscoverySettings:
     max_record_bytes: int = 16 * 1024
 
 
+OpCallback = Callable[[str, bool], None]
+
+
 class Discovery:
     """DHT capability of a node. Run with ``await nursery.start(discovery.run)``."""
 
     def __init__(self, host: IHost, key_pair: KeyPair, settings: DiscoverySettings,
-                 on_op=None) -> None:
+                 on_op: OpCallback | None = None) -> None:
         self.host, self.key_pair, self.s = host, key_pair, settings
         self.peer_id = host.get_id()
         # Reachability is decided by the NAT module; until it reports, a node on a reachable
@@ -86,17 +113,22 @@ class Discovery:
         self.dht.register_validator(NAMESPACE, RecordValidator(settings.max_record_bytes))
         self.served: dict[str, ModelSignature] = {}
         self._seq = int(time.time() * 1000)
-        self._on_op = on_op or (lambda op, ok: None)
-        self._routing_grew = trio.Event()
+        self._on_op: OpCallback = on_op or (lambda op, ok: None)
         self._record: bytes | None = None
+        # compat key -> peer -> when we last sent it our provider record (trio clock).
+        self._told: dict[str, dict[ID, float]] = {}
+        self._announce_now = trio.Event()
+        self._restart_backoff = False
+        # peer -> (trio time fetched, verified record, latency ms): the last successful probe.
+        self._probed: dict[ID, tuple[float, ModelRecord, float | None]] = {}
         host.set_stream_handler(RECORD_PROTOCOL, self._serve_record)
 
     # -- lifecycle -------------------------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with background_trio_service(self.dht):
             async with trio.open_nursery() as n:
-                n.start_soon(self._fill_routing_table)
-                n.start_soon(self._refresh_loop)
+                n.start_soon(self._maintain_routing)
+                n.start_soon(self._announce_loop)
                 task_status.started()
                 try:
                     await trio.sleep_forever()
@@ -106,38 +138,80 @@ class Discovery:
                         scope.shield = True
                         await self.withdraw()
 
-    async def _fill_routing_table(self) -> None:
-        known: set[ID] = set()
-        while True:
-            grew = False
-            for pid in self.host.get_connected_peers():
-                if pid not in known:
-                    try:
-                        if await self.dht.add_peer(pid, skip_server_mode_check=True):
-                            known.add(pid)
-                            grew = True
-                    except Exception:
-                        pass
-            known &= set(self.host.get_connected_peers())
-            if grew:
-                self._routing_grew.set()
-            await trio.sleep(ROUTING_FILL_INTERVAL_S)
+    async def _add_connected_peers(self, known: set[ID]) -> bool:
+        """Trap 7: connections never reach the routing table by themselves."""
+        grew = False
+        connected = set(self.host.get_connected_peers())
+        for pid in connected - known:
+            try:
+                if await self.dht.add_peer(pid, skip_server_mode_check=True):
+                    known.add(pid)
+                    grew = True
+            except Exception:
+                pass
+        known &= connected
+        return grew
 
-    async def _refresh_loop(self) -> None:
-        """Re-publish before the TTL runs out, and soon after the routing table grows (so a model
-        advertised while we knew few peers reaches the nodes closest to its key)."""
-        last = trio.current_time()
+    async def _maintain_routing(self) -> None:
+        """Keep the routing table filled: connected peers every tick, plus a self-lookup.
+
+        The self-lookup is the Kademlia join: it walks toward our own ID, so we learn (and connect
+        to) the peers closest to us, and they — seeing our queries — add us to their tables. Its
+        period doubles, because a settled mesh needs it rarely; a big jump in table size (a
+        partition healing, a burst of joins) resets it to the short period.
+        """
+        known: set[ID] = set()
+        gap, next_walk, size_at_walk = WALK_FIRST_S, trio.current_time(), 0
         while True:
-            with trio.move_on_after(self.s.refresh_interval_s):
-                await self._routing_grew.wait()
-                await trio.sleep(max(0.0, REPUBLISH_MIN_GAP_S - (trio.current_time() - last)))
-            self._routing_grew = trio.Event()
-            if self.served:
-                try:
-                    await self.publish()
-                except Exception:
-                    pass
-                last = trio.current_time()
+            if await self._add_connected_peers(known) and self.served:
+                self._announce_now.set()
+            size = self.dht.routing_table.size()
+            if size >= 2 * size_at_walk + 4:
+                gap, next_walk = WALK_FIRST_S, min(next_walk, trio.current_time() + WALK_FIRST_S)
+            if trio.current_time() >= next_walk and size > 0:
+                with trio.move_on_after(RPC_TIMEOUT_S * 2):
+                    try:
+                        await self.dht.peer_routing.find_closest_peers_network(self.peer_id.to_bytes())
+                        self._on_op("walk", True)
+                    except Exception:
+                        self._on_op("walk", False)
+                size_at_walk = self.dht.routing_table.size()
+                next_walk = trio.current_time() + gap
+                gap = min(gap * 2, WALK_MAX_S)
+                if self.served:
+                    self._announce_now.set()
+            await trio.sleep(MAINTAIN_INTERVAL_S)
+
+    async def _announce_loop(self) -> None:
+        """Re-announce provider records: fully on a backoff schedule, incrementally in between.
+
+        A full announce is a network lookup for the key's closest peers; its period starts at
+        ``ANNOUNCE_FIRST_S`` after each advertise and doubles up to ``refresh_interval_s`` (so a
+        record placed while the mesh was forming moves to the right peers within seconds, and a
+        settled node costs one lookup per refresh). An incremental announce, when the routing table
+        changed, tells only peers that entered the K closest we know and were not told yet.
+        """
+        gap = ANNOUNCE_FIRST_S
+        next_full = math.inf
+        while True:
+            with trio.move_on_at(next_full):
+                await self._announce_now.wait()
+            self._announce_now = trio.Event()
+            if not self.served:
+                next_full = math.inf
+                continue
+            if self._restart_backoff:  # publish() just ran a full announce
+                self._restart_backoff = False
+                gap, next_full = ANNOUNCE_FIRST_S, trio.current_time() + ANNOUNCE_FIRST_S
+                continue
+            full = trio.current_time() >= next_full
+            try:
+                await self._announce(full=full)
+            except Exception:
+                pass
+            if full:
+                gap = min(gap * 2, self.s.refresh_interval_s)
+                next_full = trio.current_time() + gap
 
     # -- advertise -------------------------------------------------------------------------------
     def _addrs(self) -> list[str]:
@@ -147,33 +221,81 @@ class Discovery:
         self._seq = max(self._seq + 1, int(time.time() * 1000))
         return self._seq
 
+    def _sign(self) -> bytes:
+        self._record = make_record(self.key_pair, list(self.served.values()), self._addrs(),
+                                   self._next_seq(), self.s.record_ttl_s)
+        return self._record
+
     async def advertise(self, signature: ModelSignature) -> None:
-        """Serve ``signature``: publish the signed record and a provider record for its key."""
+        """Serve ``signature``: sign a new record and announce a provider record for its key."""
         self.served[signature.compat_key] = signature
         await self.publish()
 
     async def publish(self) -> None:
-        record = make_record(self.key_pair, list(self.served.values()), self._addrs(),
-                             self._next_seq(), self.s.record_ttl_s)
-        self._record = record
-        try:
-            await self._put(record)
-        except Exception:
-            pass  # the DHT copy is best effort; lookups fetch the record from us
-        for key in list(self.served):
-            try:
-                ok = await self.dht.provide(provider_key(key))
-                self._on_op("provide", bool(ok))
-            except Exception:
-                self._on_op("provide", False)
+        """Re-sign our record and announce every served key to its closest peers (full lookup)."""
+        self._sign()
+        await self._announce(full=True)
+        self._restart_backoff = True  # re-announce soon, then ever more rarely (_announce_loop)
+        self._announce_now.set()
+
+    async def _announce(self, full: bool) -> None:
+        """Send our provider record (and a copy of our signed record) for every served key.
+
+        ``full`` finds the key's closest peers with a network lookup and re-tells the ones whose
+        copy is older than ``refresh_interval_s``; otherwise only the local routing table is
+        consulted and only never-told peers are contacted — cheap enough to run on every change.
+        """
+        for compat_key in list(self.served):
+            await self._announce_key(compat_key, full)
+
+    async def _announce_key(self, compat_key: str, full: bool) -> None:
+        key = provider_key_bytes(compat_key)
+        record = self._record
+        self.dht.provider_store.add_provider(key, PeerInfo(self.peer_id, list(self.host.get_addrs())))
+        told = self._told.setdefault(compat_key, {})
+        closest = self.dht.routing_table.find_local_closest_peers(key, K)
+        if full:  # the network's view, which may reach peers our table does not hold
+            with trio.move_on_after(RPC_TIMEOUT_S * 3):
+                found = await self.dht.peer_routing.find_closest_peers_network(key, K)
+                closest = sort_peer_ids_by_distance(key, list({*closest, *found}))[:K]
+        now = trio.current_time()
+        stale = self.s.refresh_interval_s * 0.9
+        due = [p for p in closest if p != self.peer_id
+               and (p not in told or (full and now - told[p] > stale))]
+        sent = 0
+
+        async def tell(pid: ID) -> None:
+            nonlocal sent
+            with trio.move_on_after(RPC_TIMEOUT_S):
+                if await self.dht.provider_store._send_add_provider(pid, key):
+                    told[pid] = trio.current_time()
+                    sent += 1
+                    if full and record is not None:
+                        await self.dht.value_store._store_at_peer(pid, record_key(self.peer_id).encode(), record)
+
+        await _bounded_gather(tell, due, ALPHA)
+        if due:
+            self._on_op("provide", sent > 0)
 
     async def withdraw(self) -> None:
-        """Publish a tombstone (newer record listing no models) so lookups drop us at once."""
+        """Serve a tombstone (newer record listing no models) and push it to the peers we told.
+
+        There is no REMOVE_PROVIDER in Kademlia, so our provider records stay on other nodes; the
+        tombstone (and, once we are gone, the failed probe) is what makes lookups drop us.
+        """
         if not self.served:
             return
         self.served.clear()
-        self._record = make_record(self.key_pair, [], self._addrs(), self._next_seq(), self.s.record_ttl_s)
-        await self._put(self._record)
+        tombstone = self._sign()
+        self.dht.value_store.put(record_key(self.peer_id).encode(), tombstone)
+        peers = sorted({p for told in self._told.values() for p in told}, key=str)[:K]
+
+        async def push(pid: ID) -> None:
+            with trio.move_on_after(1.0):
+                await self.dht.value_store._store_at_peer(pid, record_key(self.peer_id).encode(), tombstone)
+
+        await _bounded_gather(push, peers, ALPHA)
+        self._told.clear()
 
     async def _serve_record(self, stream) -> None:
         try:
@@ -183,27 +305,17 @@ class Discovery:
                 try:
                     parse_record(record, self.s.max_record_bytes, now=time.time() + 1.0)
                 except RecordError:
-                    record = self._record = make_record(
-                        self.key_pair, list(self.served.values()), self._addrs(),
-                        self._next_seq(), self.s.record_ttl_s)
+                    record = self._sign()
             await stream.write(frame(record or b""))
         except Exception:
             pass
         finally:
             await stream.close()
 
-    async def _put(self, record: bytes) -> None:
-        try:
-            await self.dht.put_value(record_key(self.peer_id), record)
-            self._on_op("put", True)
-        except Exception:
-            self._on_op("put", False)
-            raise
-
     # -- lookup ----------------------------------------------------------------------------------
     async def find(self, compat_key: str, limit: int = 20, include_self: bool = False) -> list[Provider]:
-        pkey = provider_key(compat_key)
-        candidates = await self._provider_ids(pkey, compat_key)
+        """Providers of ``compat_key`` whose signed record lists it and who answered the probe."""
+        candidates = await self._provider_ids(compat_key)
         if not include_self:
             candidates.pop(self.peer_id, None)
         results: list[Provider] = []
@@ -227,50 +339,100 @@ class Discovery:
         results.sort(key=lambda p: (p.latency_ms is None, p.latency_ms or 0.0, p.peer_id))
         return results[:limit]
 
-    async def _provider_ids(self, pkey: str, compat_key: str) -> dict[ID, list]:
-        """Provider peer IDs (deduplicated) with the addresses the DHT returned for them."""
-        store = self.dht.provider_store
+    async def _provider_ids(self, compat_key: str) -> dict[ID, list[Multiaddr]]:
+        """Provider peer IDs (deduplicated) with the addresses the DHT gave for them.
+
+        Iterative GET_PROVIDERS with a sliding window: seed with the closest peers in our table
+        (or, while it is small, our connections), keep up to ALPHA requests in flight, learn
+        closer peers *with their addresses*, and stop once the LOOKUP_QUORUM closest peers known
+        have all answered or failed (a slow peer never holds back the others), or at
+        ``LOOKUP_TIMEOUT_S``. Providers are the union of every answer and our own store.
+        """
         key = provider_key_bytes(compat_key)
-        found: dict[ID, list] = {p.peer_id: list(p.addrs) for p in store.get_providers(key)}
-        if any(provider_key(k) == pkey for k in self.served):
+        found: dict[ID, list[Multiaddr]] = {
+            p.peer_id: list(p.addrs) for p in self.dht.provider_store.get_providers(key)}
+        if compat_key in self.served:
             found[self.peer_id] = []
-        # Iterative Kademlia GET_PROVIDERS seeded from our routing table: ask the closest peers we
-        # know, then the closer peers they name, for at most LOOKUP_ROUNDS rounds.
-        local = self.dht.routing_table.find_local_closest_peers(key, LOOKUP_FANOUT) or \
-            list(self.host.get_connected_peers())
-        asked: set[ID] = {self.peer_id}
-        frontier = sort_peer_ids_by_distance(key, [p for p in local if p not in asked])[:LOOKUP_FANOUT]
-        for _ in range(LOOKUP_ROUNDS):
-            if not frontier:
-                break
-            closer: set[ID] = set()
+        known = set(self.dht.routing_table.find_local_closest_peers(key, K))
+        if len(known) < LOOKUP_QUORUM:
+            known.update(self.host.get_connected_peers())
+        known.discard(self.peer_id)
+        asked: set[ID] = set()
+        failed: set[ID] = set()
+        done_send, done_recv = trio.open_memory_channel[None](math.inf)
 
-            async def ask(pid: ID) -> None:
-                with trio.move_on_after(self.s.probe_timeout_s):
-                    try:
-                        providers, nearer = await store._get_providers_from_peer_with_closers(pid, key)
-                        for p in providers:
-                            if p.addrs or p.peer_id not in found:
-                                found[p.peer_id] = list(p.addrs)
-                        closer.update(nearer)
-                    except Exception:
-                        pass
+        async def ask(pid: ID) -> None:
+            try:
+                with trio.move_on_after(RPC_TIMEOUT_S):
+                    providers, closer = await self._get_providers_rpc(pid, key)
+                    for p in providers:
+                        if p.addrs or p.peer_id not in found:
+                            found[p.peer_id] = list(p.addrs)
+                    known.update(c.peer_id for c in closer if c.peer_id != self.peer_id)
+                    return
+                failed.add(pid)
+            except Exception:
+                failed.add(pid)
+            finally:
+                done_send.send_nowait(None)
 
-            asked.update(frontier)
+        with trio.move_on_after(LOOKUP_TIMEOUT_S):
             async with trio.open_nursery() as n:
-                for pid in frontier:
-                    n.start_soon(ask, pid)
-            best_asked = sort_peer_ids_by_distance(key, list(asked - {self.peer_id}))[:LOOKUP_FANOUT]
-            candidates = sort_peer_ids_by_distance(key, [p for p in closer if p not in asked])
-            # Continue only with peers closer than the farthest of the best peers asked so far.
-            frontier = [p for p in candidates[:LOOKUP_FANOUT]
-                        if not best_asked or sort_peer_ids_by_distance(key, [p, best_asked[-1]])[0] == p]
+                in_flight = 0
+                while True:
+                    closest = sort_peer_ids_by_distance(key, list(known - failed))[:LOOKUP_QUORUM]
+                    for pid in closest:
+                        if in_flight < ALPHA and pid not in asked:
+                            asked.add(pid)
+                            in_flight += 1
+                            n.start_soon(ask, pid)
+                    if in_flight == 0:
+                        break
+                    await done_recv.receive()
+                    in_flight -= 1
+        self._on_op("get_providers", len(asked) > len(failed))
         return found
 
+    async def _get_providers_rpc(self, pid: ID, key: bytes) -> tuple[list[PeerInfo], list[PeerInfo]]:
+        """One GET_PROVIDERS exchange; closer peers' addresses go to the peerstore so later rounds
+        (and the record probe) can dial them — py-libp2p's own helper drops them."""
+        stream = await self.host.new_stream(pid, [PROTOCOL_ID])
+        try:
+            msg = Message()
+            msg.type = Message.MessageType.GET_PROVIDERS
+            msg.key = key
+            body = msg.SerializeToString()
+            await stream.write(varint.encode(len(body)) + body)
+            resp = Message()
+            resp.ParseFromString(await read_varint_prefixed_bytes_limited(stream, MAX_DHT_MESSAGE_SIZE))
+        finally:
+            await stream.close()
+        if resp.type != Message.MessageType.GET_PROVIDERS:
+            return [], []
+        providers = [info for p in resp.providerPeers if (info := _peer_info(p)) is not None]
+        closer = [info for p in resp.closerPeers if (info := _peer_info(p)) is not None]
+        store = self.host.get_peerstore()
+        for info in closer:
+            if info.addrs and info.peer_id != self.peer_id:
+                store.add_addrs(info.peer_id, info.addrs, PEERSTORE_ADDR_TTL_S)
+        return providers, closer
+
     async def _fetch_record(self, pid: ID, addrs: list) -> tuple[ModelRecord, float | None] | None:
-        """Fetch and verify ``pid``'s signed record from ``pid`` itself (dialling if needed)."""
+        """Fetch and verify ``pid``'s signed record from ``pid`` itself (dialling if needed).
+
+        A successful probe is reused for ``PROBE_CACHE_S`` while the connection to ``pid`` stays
+        up: a provider that dies drops that connection, so it still vanishes at once, and a busy
+        lookup path does not open a stream per provider per lookup (~5 ms each, DESIGN.md §7.9).
+        """
         if pid == self.peer_id:
             return (parse_record(self._record, self.s.max_record_bytes), None) if self._record else None
+        cached = self._probed.get(pid)
+        if cached is not None:
+            at, rec, latency = cached
+            if (trio.current_time() - at < PROBE_CACHE_S and rec.expires_at > time.time()
+                    and pid in self.host.get_connected_peers()):
+                return rec, latency
+            del self._probed[pid]
         with trio.move_on_after(self.s.probe_timeout_s):
             try:
                 if pid not in self.host.get_connected_peers():
@@ -290,9 +452,36 @@ class Discovery:
                 if not body:
                     return None
                 rec = parse_record(body, self.s.max_record_bytes, key=record_key(pid))
+                self._probed[pid] = (trio.current_time(), rec, latency)
                 return rec, latency
             except RecordError:
                 self._on_op("record_rejected", False)
             except Exception:
                 pass
         return None
+
+
+def _peer_info(p: Message.Peer) -> PeerInfo | None:
+    try:
+        addrs = []
+        for raw in p.addrs:
+            try:
+                addrs.append(Multiaddr(raw))
+            except Exception:
+                pass
+        return PeerInfo(ID(p.id), addrs)
+    except Exception:
+        return None
+
+
+async def _bounded_gather(fn: Callable[[ID], object], items: list[ID], limit: int) -> None:
+    """Run ``fn`` over ``items`` with at most ``limit`` in flight; all finish before we return."""
+    sem = trio.Semaphore(limit)
+
+    async def one(item: ID) -> None:
+        async with sem:
+            await fn(item)
+
+    async with trio.open_nursery() as n:
+        for item in items:
+            n.start_soon(one, item)

@@ -49,6 +49,8 @@ def _load(args: argparse.Namespace) -> Config:
         ov.append(f"node.log_level={args.log_level}")
     if args.log_json:
         ov.append("node.log_json=true")
+    if getattr(args, "model", None) and getattr(args, "fn", None) is cmd_handoff:
+        ov.append(f"runtime.model={args.model}")
     return load_config(args.config, overrides=ov)
 
 
@@ -130,6 +132,160 @@ def cmd_config(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+# -- model state: signature, find, sessions, handoff -------------------------------------------
+def _model_cache(cfg: Config) -> Any:
+    from pathlib import Path
+
+    return Path(cfg.runtime.cache_dir).expanduser() if cfg.runtime.cache_dir else cfg.data_dir / "models"
+
+
+def _signature_of(cfg: Config, path: str) -> Any:
+    """Load ``path`` the way a node does (same dtype, cache) and return its ``ModelSignature``."""
+    from meshnode.runtime.loader import load_model
+
+    if path == "smollm2" or path.endswith(".gguf"):
+        print(f"loading {path} (the GGUF is converted once into {_model_cache(cfg)}, ~25 s)...",
+              file=sys.stderr, flush=True)
+    return load_model(path, dtype=cfg.runtime.dtype, num_threads=cfg.runtime.num_threads,
+                      cache_dir=_model_cache(cfg)).signature
+
+
+def cmd_signature(cfg: Config, args: argparse.Namespace) -> int:
+    sig = _signature_of(cfg, args.path)
+    if args.json:
+        print(json.dumps({"compat_key": sig.compat_key, "signature": sig.to_dict()}, indent=2))
+    else:
+        print(json.dumps(sig.to_dict(), indent=2, sort_keys=True))
+        print(f"compat_key: {sig.compat_key}")
+    return 0
+
+
+def cmd_find(cfg: Config, args: argparse.Namespace) -> int:
+    key = args.key or _signature_of(cfg, args.model).compat_key
+    found = _control(cfg, args, f"/find/{key}")
+    if args.json:
+        print(json.dumps(found, indent=2))
+        return 0
+    if not found:
+        print(f"no peer serves {key}")
+    for p in found:
+        lat = f"{p['latency_ms']:.1f} ms" if p.get("latency_ms") is not None else "-"
+        print(f"{p['peer_id']}  {p['reachability']:<8} {lat:>9}  {p.get('family', '')}  "
+              f"{' '.join(p['addrs'][:1])}")
+    return 0
+
+
+def cmd_sessions(cfg: Config, args: argparse.Namespace) -> int:
+    import time
+
+    while True:
+        rows = _control(cfg, args, "/sessions")
+        if args.json:
+            print(json.dumps(rows, indent=2))
+        else:
+            if args.watch:
+                print("\x1b[2J\x1b[H", end="")
+            print(f"{'session':<34} {'status':<10} {'peers':>5} {'msgs':>5} {'bytes':>9}  compat_key")
+            for r in rows:
+                print(f"{r['session_id']:<34} {r['status']:<10} {r['participants']:>5} {r['messages']:>5} "
+                      f"{r['bytes']:>9}  {r['compat_key']}")
+            if not rows:
+                print("no sessions")
+        if not args.watch:
+            return 0
+        time.sleep(1.0)
+
+
+def _ids(lm: Any, text: str | None, ids: str | None, chat: bool) -> list[int] | None:
+    if ids:
+        return [int(x) for x in ids.split(",") if x.strip()]
+    if text is None:
+        return None
+    if lm.tokenizer is None:
+        raise SystemExit("meshnode: this model has no tokenizer; pass token ids")
+    if chat and getattr(lm.tokenizer, "chat_template", None):
+        out = lm.tokenizer.apply_chat_template([{"role": "user", "content": text}],
+                                               add_generation_prompt=True, tokenize=True)
+        return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
+    return list(lm.tokenizer(text)["input_ids"])
+
+
+def cmd_handoff(cfg: Config, args: argparse.Namespace) -> int:
+    """Run a node with ``[runtime].model`` loaded and act as KV sender or receiver (meshnode.handoff)."""
+    import trio
+
+    from meshnode import handoff
+    from meshnode.logs import setup_logging
+    from meshnode.node import Node
+    from meshnode.tensor_service import SessionClosed
+    from tensor_rpc import ProtocolError
+
+    if not cfg.runtime.model:
+        print("meshnode: handoff needs a model (--model PATH or runtime.model)", file=sys.stderr)
+        return EXIT_CONFIG
+    setup_logging(cfg.node.log_level, cfg.node.log_json)
+
+    def emit(ev: dict[str, Any]) -> None:
+        if args.json:
+            print(json.dumps(ev, default=str), flush=True)
+        else:
+            print(ev.pop("event"), " ".join(f"{k}={v}" for k, v in ev.items()), flush=True)
+
+    async def role(node: Node) -> None:
+        lm = await node.wait_model()
+        emit({"event": "model", "compat_key": lm.signature.compat_key, "family": lm.signature.family,
+              "dtype": lm.dtype_name, "threads": lm.threads})
+        if args.role == "receive":
+            await handoff.serve_receiver(node, lm, args.tokens, emit, sessions=args.sessions)
+            return
+        prompt = _ids(lm, args.prompt, args.prompt_ids, args.chat)
+        if not prompt:
+            raise SystemExit("meshnode: handoff send needs --prompt or --prompt-ids")
+        if args.peer and "/p2p/" in args.peer:
+            await node.connect(args.peer)
+            peer = args.peer.rsplit("/p2p/", 1)[1]
+        else:
+            peer = args.peer or await handoff.find_peer(node, lm, args.find_timeout, emit)
+        turn2 = _ids(lm, args.turn2, args.turn2_ids, False)
+        ts = await handoff.hand_off(node, lm, peer, prompt, args.tokens, emit, turn2_ids=turn2,
+                                    path=args.path)
+        if not args.wait:
+            await ts.close("handoff done")
+
+    failed: list[int] = []
+
+    async def main() -> None:
+        node = Node(cfg)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(node.run)
+            emit({"event": "started", "peer_id": str(node.peer_id), "addrs": [str(a) for a in node.addrs],
+                  "control_port": node.control_port})
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async with trio.open_nursery() as inner:
+                    async def until_signal() -> None:
+                        async for _sig in signals:
+                            inner.cancel_scope.cancel()
+                            return
+
+                    inner.start_soon(until_signal)
+                    try:
+                        await role(node)
+                        emit({"event": "done"})
+                        if args.wait:
+                            await trio.sleep_forever()
+                    except (SessionClosed, ProtocolError, RuntimeError, trio.TooSlowError) as exc:
+                        err = getattr(exc, "error", None) or exc
+                        emit({"event": "error", "error": str(exc), "code": getattr(getattr(err, "code", None),
+                                                                                  "value", None),
+                              "fields": list(getattr(err, "fields", ()))})
+                        failed.append(1)
+                    inner.cancel_scope.cancel()
+            node.stop()
+
+    trio.run(main)
+    return EXIT_RUNTIME if failed else 0
+
+
 # -- control API client -------------------------------------------------------------------------
 class ControlUnavailable(RuntimeError):
     pass
@@ -185,6 +341,47 @@ def build_parser() -> argparse.ArgumentParser:
         c.add_argument("--control-url", help="control API base URL (default: from data dir/config)")
         c.add_argument("--json", action="store_true", help="machine-readable output")
         c.set_defaults(fn=fn)
+
+    c = sub.add_parser("signature", help="print a model's signature and compat key (loads it)")
+    _config_args(c)
+    c.add_argument("path", help="HF directory, .gguf file, or 'smollm2'")
+    c.add_argument("--json", action="store_true", help="machine-readable output")
+    c.set_defaults(fn=cmd_signature)
+
+    c = sub.add_parser("find", help="peers serving a compatible model (DHT lookup by the running node)")
+    _config_args(c)
+    g = c.add_mutually_exclusive_group(required=True)
+    g.add_argument("--model", help="model path whose compat key to look up (loads it)")
+    g.add_argument("--key", help="compat key to look up")
+    c.add_argument("--control-url", help="control API base URL (default: from data dir/config)")
+    c.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the lookup")
+    c.add_argument("--json", action="store_true", help="machine-readable output")
+    c.set_defaults(fn=cmd_find)
+
+    c = sub.add_parser("sessions", help="tensor sessions of the running node (replicated CRDT log)")
+    _config_args(c)
+    c.add_argument("--control-url", help="control API base URL (default: from data dir/config)")
+    c.add_argument("--watch", action="store_true", help="refresh every second until Ctrl-C")
+    c.add_argument("--json", action="store_true", help="machine-readable output")
+    c.set_defaults(fn=cmd_sessions)
+
+    c = sub.add_parser("handoff", help="run a node with a model and hand KV caches to / take them from peers")
+    c.add_argument("role", choices=("send", "receive"))
+    _config_args(c)
+    c.add_argument("--model", help="shortcut for --set runtime.model=... (HF dir, .gguf, 'smollm2')")
+    c.add_argument("--tokens", type=int, default=32, help="greedy tokens to continue (both sides)")
+    c.add_argument("--peer", help="send: receiver peer ID or full multiaddr (default: DHT lookup)")
+    c.add_argument("--find-timeout", type=float, default=60.0, help="send: seconds to find a peer")
+    c.add_argument("--prompt", help="send: prompt text")
+    c.add_argument("--prompt-ids", help="send: prompt as comma-separated token ids")
+    c.add_argument("--chat", action="store_true", help="send: wrap --prompt in the chat template")
+    c.add_argument("--turn2", help="send: second turn, sent as a KV_CACHE_DELTA (then a full snapshot)")
+    c.add_argument("--turn2-ids", help="send: second turn as comma-separated token ids")
+    c.add_argument("--path", help="send: force a data path (stream, bulk, shm) if supported")
+    c.add_argument("--sessions", type=int, help="receive: stop after this many sessions")
+    c.add_argument("--wait", action="store_true", help="keep the node up after the job until SIGINT/SIGTERM")
+    c.add_argument("--json", action="store_true", help="one JSON object per event on stdout")
+    c.set_defaults(fn=cmd_handoff)
 
     c = sub.add_parser("config", help="print the effective configuration")
     _config_args(c)

@@ -131,6 +131,12 @@ class TransportSection:
     shm_ring_bytes: int = _f(64 * MiB, 1 * MiB, 16 * GiB)
     recv_window_bytes: int = _f(64 * MiB, 64 * KiB, 16 * GiB, doc="credits granted to a sender")
     transfer_timeout_s: float = _f(120.0, 0.1, 86400.0)
+    peer_paths: list[str] = _f([], doc="per-peer path override, '<peer id>=auto|shm|bulk|stream'")
+    lane_connect_timeout_s: float = _f(5.0, 0.05, 600.0, doc="bulk/shm lane connect + key proof")
+    lane_socket_buffer_bytes: int = _f(4 * MiB, 64 * KiB, 1 * GiB, doc="SO_SNDBUF/SO_RCVBUF of lanes")
+    stream_read_bytes: int = _f(8 * MiB, 64 * KiB, 256 * MiB, doc="libp2p stream read size")
+    stream_window_bytes: int = _f(16 * MiB, 256 * KiB, 16 * MiB, doc="yamux receive window granted at once")
+    recv_pool_bytes: int = _f(2 * GiB, 0, 64 * GiB, doc="idle prefaulted receive buffers kept for reuse")
 
 
 @dataclass(frozen=True)
@@ -138,6 +144,7 @@ class RuntimeSection:
     model: str = _f("", doc="HF directory, .gguf file, or 'smollm2' (the PyPI-shipped model)")
     dtype: str = _f("float32", choices=("float32", "bfloat16", "float16"))
     num_threads: int = _f(1, 1, 1024, doc="torch threads; must match on both sides for bitwise equality")
+    cache_dir: str = _f("", doc="converted-model cache (GGUF -> safetensors); empty = <data_dir>/models")
     device: str = _f("cpu")
 
 

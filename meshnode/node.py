@@ -8,9 +8,12 @@ on SIGINT/SIGTERM as well as on errors.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import multiaddr
@@ -58,7 +61,8 @@ class Node:
                 on_op=lambda op, ok: self.metrics.dht_ops.labels(op=op, result="ok" if ok else "failed").inc())
         self.limits = Limits.from_config(config)
         self.tensors = TensorService(self.host, self.key_pair, self.limits, AccessPolicy(self.limits),
-                                     signature, on_event=self._on_tensor_event)
+                                     signature, on_event=self._on_tensor_event,
+                                     transport=config.transport)
         self.crdt_store = UpdateStore(config.data_dir / "crdt", CrdtLimits.from_config(config.crdt))
         self.crdt = CrdtService(self.host, self.key_pair, self.crdt_store,
                                 CrdtLimits.from_config(config.crdt), config.host.dial_timeout_s)
@@ -69,6 +73,9 @@ class Node:
         self.started_at = time.time()
         self._stop = trio.Event()
         self._ready = trio.Event()
+        self.model: Any = None  # meshnode.runtime.loader.LoadedModel once [runtime].model is loaded
+        self.model_error: str | None = None
+        self._model_done = trio.Event()
 
     # -- lifecycle -------------------------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[Node] = trio.TASK_STATUS_IGNORED) -> None:
@@ -83,6 +90,8 @@ class Node:
                     await nursery.start(self.discovery.run)
                 await nursery.start(self.tensors.run)
                 await self.crdt.start(nursery)
+                if cfg.runtime.model:
+                    nursery.start_soon(self._load_model)
                 nursery.start_soon(self._bootstrap)
                 nursery.start_soon(self.pex.run)
                 nursery.start_soon(self._update_gauges)
@@ -223,6 +232,60 @@ class Node:
         except Exception as exc:
             log.warning("could not log transfer", extra=kv(err=exc))
 
+    # -- model runtime ---------------------------------------------------------------------------
+    async def _load_model(self) -> None:
+        """Load ``[runtime].model`` in a worker thread (GGUF conversion takes ~25 s the first time),
+        then serve its signature and advertise it in the DHT."""
+        import functools
+
+        # torch/transformers are imported only by nodes that serve a model
+        from meshnode.runtime.loader import load_model
+
+        rt = self.config.runtime
+        cache = Path(os.path.expanduser(rt.cache_dir)) if rt.cache_dir else self.config.data_dir / "models"
+        log.info("loading model", extra=kv(model=rt.model, dtype=rt.dtype, cache=str(cache)))
+        t0 = time.monotonic()
+        try:
+            # abandon_on_cancel: a node told to stop mid-conversion exits now (the cache is
+            # published by an atomic rename, so an abandoned conversion leaves no partial model)
+            lm = await trio.to_thread.run_sync(functools.partial(
+                load_model, rt.model, dtype=rt.dtype, num_threads=rt.num_threads, cache_dir=cache),
+                abandon_on_cancel=True)
+        except Exception as exc:
+            self.model_error = f"{type(exc).__name__}: {exc}"
+            log.error("model load failed", extra=kv(model=rt.model, err=exc))
+            self._model_done.set()
+            return
+        self.model = lm
+        self.serve(lm.signature)
+        self._model_done.set()
+        log.info("model loaded", extra=kv(model=rt.model, compat_key=lm.signature.compat_key,
+                                          load_s=round(time.monotonic() - t0, 2)))
+        if self.discovery is not None:
+            try:
+                await self.advertise(lm.signature)
+            except Exception as exc:  # served already; the discovery refresh loop retries
+                log.warning("advertise failed", extra=kv(err=exc))
+
+    async def wait_model(self, timeout_s: float | None = None) -> Any:
+        """The loaded model (``LoadedModel``) once ready; raises if loading failed or none is set."""
+        if not self.config.runtime.model:
+            raise RuntimeError("no model configured ([runtime].model)")
+        with trio.fail_after(timeout_s) if timeout_s is not None else contextlib.nullcontext():
+            await self._model_done.wait()
+        if self.model is None:
+            raise RuntimeError(f"model load failed: {self.model_error}")
+        return self.model
+
+    def _model_status(self) -> dict[str, Any] | None:
+        if not self.config.runtime.model:
+            return None
+        sig = self.model.signature if self.model is not None else None
+        return {"model": self.config.runtime.model,
+                "state": "ready" if sig else ("failed" if self.model_error else "loading"),
+                "error": self.model_error, "compat_key": sig.compat_key if sig else None,
+                "family": sig.family if sig else None}
+
     # -- introspection ---------------------------------------------------------------------------
     @property
     def addrs(self) -> list[multiaddr.Multiaddr]:
@@ -257,6 +320,7 @@ class Node:
             "streams": self._stream_count(),
             "uptime_s": round(time.time() - self.started_at, 3),
             "control_port": self.control_port,
+            "model": self._model_status(),
         }
 
     async def _update_gauges(self) -> None:

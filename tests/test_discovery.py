@@ -1,8 +1,8 @@
 """DHT discovery across real processes: exact provider sets, forged records refused, TTL."""
 
 import signal
-from concurrent.futures import ThreadPoolExecutor
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import msgpack
 import pytest
@@ -10,14 +10,21 @@ import trio
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.peer.id import ID
 
-from discovery.records import RecordError, RecordValidator, make_record, parse_record, record_key
+from discovery.records import (
+    RecordError,
+    RecordValidator,
+    make_record,
+    parse_record,
+    provider_key,
+    record_key,
+)
 from meshnode.config import load_config
 from meshnode.node import open_node
 from tests.helpers.cluster import ClusterProc
 from tests.helpers.nodeproc import wait_until
 from tests.helpers.sigs import fake_signature
 
-FAST = ["dht.refresh_interval_s=2", "dht.probe_timeout_s=3", "host.peer_exchange_interval_s=0.5"]
+FAST = ["dht.refresh_interval_s=30", "dht.probe_timeout_s=3", "host.peer_exchange_interval_s=0.5"]
 
 
 def _found(node: dict, key: str) -> set[str]:
@@ -115,7 +122,7 @@ async def test_remote_store_refuses_forged_and_lookup_ignores_unserved_claims(tm
         # c serves model 0 but also announces itself as a provider of model 1 (which its signed
         # record does not list): lookups for model 1 must not return it.
         await c.advertise(fake_signature(0))
-        await c.discovery.dht.provide(f"/latentlink/model/{fake_signature(1).compat_key}")
+        await c.discovery.dht.provide(provider_key(fake_signature(1).compat_key))
         with trio.fail_after(20):
             while not await b.find_compatible(fake_signature(0)):
                 await trio.sleep(0.5)

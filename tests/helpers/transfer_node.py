@@ -1,0 +1,163 @@
+"""A real node process for transfer tests and ``scripts/bench_transfer.py``.
+
+Serves ``fake_signature(0)``; driven by JSON lines on stdin, answers JSON lines on stdout. The first
+line out is ``{"event": "ready", "addr", "peer_id", "bulk_port", "pid"}``. Incoming sessions are
+accepted automatically; every verified message prints ``{"event": "received", ...}`` (with an
+independent BLAKE3 of the whole buffer when the sender asked for ``check``).
+
+Commands: ``connect {addr}``, ``open {peer}``, ``send {size, path?, check?}``, ``stats``, ``quit``.
+Run: ``python tests/helpers/transfer_node.py --data-dir DIR [--set section.key=value ...]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import blake3  # noqa: E402
+import numpy as np  # noqa: E402
+import trio  # noqa: E402
+
+from meshnode.config import load_config  # noqa: E402
+from meshnode.logs import setup_logging  # noqa: E402
+from meshnode.node import Node  # noqa: E402
+from tensor_rpc import Kind  # noqa: E402
+from tests.helpers.sigs import fake_signature  # noqa: E402
+
+_payloads: dict[int, np.ndarray] = {}
+
+
+def out(obj: dict) -> None:
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+def payload(size: int) -> np.ndarray:
+    """Deterministic, non-trivial bytes (cached: regenerating 1 GiB per send would dominate)."""
+    if size not in _payloads:
+        _payloads.clear()
+        words = np.arange((size + 7) // 8, dtype=np.uint64)
+        words *= np.uint64(0x9E3779B97F4A7C15)
+        words ^= words >> np.uint64(29)
+        _payloads[size] = words.view(np.uint8)[:size]
+    return _payloads[size]
+
+
+def rss() -> dict:
+    info = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(("VmRSS", "VmHWM")):
+            k, v = line.split(":")
+            info[k] = int(v.split()[0]) * 1024
+    return info
+
+
+async def break_lane(ts, path: str, delay: float) -> None:
+    with trio.move_on_after(10):
+        while ts._tx_lanes.get(path) is None:
+            await trio.sleep(0.001)
+    await trio.sleep(delay)
+    lane = ts._tx_lanes.get(path)
+    if lane is not None:
+        import socket
+        lane.sock.shutdown(socket.SHUT_RDWR)
+        out({"event": "lane_broken", "path": path})
+
+
+async def main(args: argparse.Namespace) -> None:
+    overrides = [f"node.data_dir={args.data_dir}", "host.listen_addrs=/ip4/127.0.0.1/tcp/0",
+                 "control.enabled=false", "dht.enabled=false", *args.set]
+    cfg = load_config(None, env={}, overrides=overrides)
+    setup_logging(cfg.node.log_level, False)
+    node = Node(cfg)
+    node.serve(fake_signature(0))
+    stats = {"received": 0, "bytes": 0}
+    sessions: dict[str, object] = {}
+
+    async def receiver(ts) -> None:
+        while True:
+            try:
+                rec = await ts.receive()
+            except Exception:
+                return
+            stats["received"] += 1
+            stats["bytes"] += len(rec.buffer)
+            ev = {"event": "received", "mid": rec.header.message_id, "nbytes": len(rec.buffer),
+                  "path": rec.path, "elapsed_s": rec.elapsed_s}
+            if rec.header.meta.get("check"):
+                ev["blake3"] = blake3.blake3(rec.buffer).hexdigest()
+            del rec
+            out(ev)
+
+    async def acceptor(nursery) -> None:
+        while True:
+            ts = await node.accept_session()
+            sessions[str(ts.peer_id)] = ts
+            nursery.start_soon(receiver, ts)
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(node.run)
+        nursery.start_soon(acceptor, nursery)
+        addr = str(node.addrs[0])
+        out({"event": "ready", "addr": addr if "/p2p/" in addr else f"{addr}/p2p/{node.peer_id}", "peer_id": str(node.peer_id),
+             "bulk_port": node.tensors.bulk_port, "pid": os.getpid()})
+        while True:
+            line = await trio.to_thread.run_sync(sys.stdin.readline)
+            if not line:
+                break
+            cmd = json.loads(line)
+            op = cmd.get("op")
+            try:
+                if op == "connect":
+                    await node.connect(cmd["addr"])
+                    out({"ok": True})
+                elif op == "open":
+                    ts = await node.open_session(cmd["peer"])
+                    sessions[cmd["peer"]] = ts
+                    nursery.start_soon(receiver, ts)
+                    out({"ok": True, "session": ts.session_id})
+                elif op == "send":
+                    ts = sessions[cmd["peer"]] if "peer" in cmd else next(iter(sessions.values()))
+                    data = payload(int(cmd["size"]))
+                    digest = blake3.blake3(data).hexdigest() if cmd.get("check") else None
+                    if cmd.get("announce"):
+                        out({"event": "sending"})
+                    if cmd.get("break_after_s") is not None:  # test hook: kill the lane mid-transfer
+                        nursery.start_soon(break_lane, ts, cmd.get("path"), float(cmd["break_after_s"]))
+                    t0 = time.perf_counter()
+                    sent = await ts.send([("payload", "uint8", [len(data)], data)], kind=Kind.KV_CACHE,
+                                         layers=(0, 1), tokens=(0, 1), meta={"check": bool(cmd.get("check"))},
+                                         path=cmd.get("path"))
+                    dt = time.perf_counter() - t0
+                    node.record_sent(ts, sent, "KV_CACHE", (0, 1), (0, 1))
+                    out({"ok": True, "path": sent.path, "mid": sent.message_id, "nbytes": sent.nbytes,
+                         "elapsed_s": dt, "blake3": digest})
+                elif op == "sessions":
+                    out({"ok": True, "sessions": {p: s.session_id for p, s in sessions.items()}})
+                elif op == "stats":
+                    t = os.times()
+                    out({"ok": True, **stats, **rss(), "cpu_s": t.user + t.system})
+                elif op == "quit":
+                    out({"ok": True})
+                    break
+                else:
+                    out({"ok": False, "error": f"unknown op {op}"})
+            except Exception as exc:  # report, keep serving
+                out({"ok": False, "error": f"{type(exc).__name__}: {exc}"})
+        node.stop()
+        nursery.cancel_scope.cancel()
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data-dir", required=True)
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    trio.run(main, p.parse_args())
