@@ -31,6 +31,7 @@ Why the DHT plumbing is ours rather than py-libp2p's (0.8.1; DESIGN.md §7):
 from __future__ import annotations
 
 import math
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -74,6 +75,11 @@ MAINTAIN_INTERVAL_S = 0.5  # how often connected peers are added to the table
 WALK_FIRST_S, WALK_MAX_S = 1.0, 60.0  # self-lookup period: doubles from first to max
 ANNOUNCE_FIRST_S = 2.0  # full re-announce period after advertise: doubles up to refresh_interval_s
 PEERSTORE_ADDR_TTL_S = 3600
+JITTER = 0.25  # +-25% on every period, so nodes started together do not re-announce in lockstep
+
+
+def _jitter(period: float) -> float:
+    return period * random.uniform(1.0 - JITTER, 1.0 + JITTER)
 
 
 @dataclass(frozen=True)
@@ -176,7 +182,7 @@ class Discovery:
                     except Exception:
                         self._on_op("walk", False)
                 size_at_walk = self.dht.routing_table.size()
-                next_walk = trio.current_time() + gap
+                next_walk = trio.current_time() + _jitter(gap)
                 gap = min(gap * 2, WALK_MAX_S)
                 if self.served:
                     self._announce_now.set()
@@ -202,7 +208,7 @@ class Discovery:
                 continue
             if self._restart_backoff:  # publish() just ran a full announce
                 self._restart_backoff = False
-                gap, next_full = ANNOUNCE_FIRST_S, trio.current_time() + ANNOUNCE_FIRST_S
+                gap, next_full = ANNOUNCE_FIRST_S, trio.current_time() + _jitter(ANNOUNCE_FIRST_S)
                 continue
             full = trio.current_time() >= next_full
             try:
@@ -211,7 +217,7 @@ class Discovery:
                 pass
             if full:
                 gap = min(gap * 2, self.s.refresh_interval_s)
-                next_full = trio.current_time() + gap
+                next_full = trio.current_time() + _jitter(gap)
 
     # -- advertise -------------------------------------------------------------------------------
     def _addrs(self) -> list[str]:

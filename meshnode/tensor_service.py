@@ -75,6 +75,7 @@ from tensor_rpc.transport import (
     tune,
 )
 from tensor_rpc.transport.auth import accept_handshake, connect_handshake, read_hello
+from tensor_rpc.transport.lane import TAG_SLACK
 
 TENSOR_PROTOCOL = "/latentlink/tensor/1.0.0"
 LANE_PROTOCOL = "/latentlink/tensor-lane/1.0.0"
@@ -149,7 +150,7 @@ class _Recorder:
     """Session buffer factory that keeps each allocation with ``slack`` bytes past its end, so a
     lane can receive a sealed chunk (ciphertext + tag) at its final offset and decrypt in place."""
 
-    slack = 64
+    slack = TAG_SLACK
 
     def __init__(self, pool: BufferPool) -> None:
         self.pool = pool
@@ -448,6 +449,7 @@ class TensorSession:
                         await self._lane_chunk(mid, idx, view, rx.path)
                     finally:
                         done()
+                        view = None  # don't pin the message buffer: the pool reuses it
             except (ConnectionError, ProtocolError) as exc:
                 log.warning("data lane stopped", extra=kv(peer=self.peer_id, path=rx.path, err=exc))
                 rx.close()

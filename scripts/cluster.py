@@ -14,6 +14,7 @@ import json
 import random
 import signal
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -40,13 +41,15 @@ async def main(args: argparse.Namespace) -> None:
             await nursery.start(node.run)
             nodes.append(node)
             pool.append(str(node.addrs[0]))
+        advertised_at = time.time()  # wall clock, for the time-to-advertise benchmark
         for i, node in enumerate(nodes):
             if args.models:
                 nursery.start_soon(node.advertise, fake_signature(args.models[i % len(args.models)]))
         for i, node in enumerate(nodes):
             print(json.dumps({"peer_id": str(node.peer_id), "addr": str(node.addrs[0]),
                               "control_url": f"http://127.0.0.1:{node.control_port}",
-                              "model": args.models[i % len(args.models)] if args.models else None}),
+                              "model": args.models[i % len(args.models)] if args.models else None,
+                              "advertised_at": advertised_at if args.models else None}),
                   flush=True)
         print("READY", flush=True)
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as sigs:

@@ -24,7 +24,7 @@ from tests.helpers.cluster import ClusterProc
 from tests.helpers.nodeproc import wait_until
 from tests.helpers.sigs import fake_signature
 
-FAST = ["dht.refresh_interval_s=30", "dht.probe_timeout_s=3", "host.peer_exchange_interval_s=0.5"]
+FAST = ["dht.refresh_interval_s=60", "dht.probe_timeout_s=3", "host.peer_exchange_interval_s=0.5"]
 
 
 def _found(node: dict, key: str) -> set[str]:
@@ -32,8 +32,9 @@ def _found(node: dict, key: str) -> set[str]:
 
 
 def test_thirty_nodes_three_models_find_exactly_their_providers(tmp_path):
-    # Peer exchange off: the DHT has to route over the sparse random bootstrap graph by itself.
-    sets = FAST + ["host.max_peer_exchange=0"]
+    # Peer exchange off (and not even polling): the DHT has to route over the sparse random
+    # bootstrap graph by itself.
+    sets = [*FAST, "host.max_peer_exchange=0", "host.peer_exchange_interval_s=60"]
     procs = [ClusterProc(tmp_path / "p0", 10, [0, 1, 2], sets=sets, seed=1)]
     try:
         for k in (1, 2):

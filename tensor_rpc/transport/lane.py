@@ -30,6 +30,7 @@ SHM_FRAME = struct.Struct(">QIIQ")
 FREED = struct.Struct(">I")
 SHM_OFFER = struct.Struct(">HQ")
 RING_BASE = 4096  # ring data starts after the page that holds the challenge nonce
+TAG_SLACK = 64  # bytes past the end of a message buffer where the last chunk's tag lands
 Submit = Callable[[int, int, memoryview, Callable[[], None]], None]
 
 
@@ -166,6 +167,9 @@ class LaneReceiver:
                 view = cur[off:off + n] if cur is not None and off + n <= len(cur) else scratch[:n]
                 recv_into_exact(self.sock, view)
                 submit(mid, idx, view, free.release)
+                view = None
+                if cur is not None and off + n > len(cur) - TAG_SLACK:
+                    cur_mid, cur = -1, None  # last chunk: let the buffer pool reuse this buffer
         assert self.segment is not None
         ring = self.segment.view[RING_BASE:]
         sock = self.sock
