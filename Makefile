@@ -28,9 +28,17 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
+# Each benchmark prints its figures beside a ceiling measured in the same run and writes JSON.
+BENCH_OUT ?= bench-results
 bench: $(STAMP)
-	$(VENV)/bin/python scripts/bench_connect.py
-	$(VENV)/bin/python scripts/bench_protocol.py
+	mkdir -p $(BENCH_OUT)
+	$(PY) scripts/bench_connect.py --json $(BENCH_OUT)/connect.json
+	$(PY) scripts/bench_protocol.py --json $(BENCH_OUT)/protocol.json
+	$(PY) scripts/bench_signature.py --json $(BENCH_OUT)/signature.json
+	$(PY) scripts/bench_crdt.py --json $(BENCH_OUT)/crdt.json
+	$(PY) scripts/bench_discovery.py --json $(BENCH_OUT)/discovery.json
+	$(PY) scripts/bench_transfer.py --json $(BENCH_OUT)/transfer.json --md $(BENCH_OUT)/transfer.md
+	$(PY) scripts/bench_handoff.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check meshnode discovery crdt_state tensor_rpc tests scripts

@@ -9,7 +9,7 @@ loopback TCP on an ephemeral port.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 
 import multiaddr
 from libp2p import new_host
@@ -22,7 +22,9 @@ from libp2p.peer.peerinfo import PeerInfo
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 
+from crdt_state.limits import CrdtLimits
 from crdt_state.schema import TensorMessage
+from crdt_state.service import CrdtService
 from crdt_state.sync import SyncEngine
 
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
@@ -50,6 +52,20 @@ def introduce(hosts: list[IHost]) -> None:
         for b in hosts:
             if a is not b:
                 a.get_peerstore().add_addrs(b.get_id(), b.get_addrs(), 3600)
+
+
+async def start_services(stack: AsyncExitStack, n: int, limits: CrdtLimits
+                         ) -> tuple[list[IHost], list[CrdtService]]:
+    """``n`` running hosts, each with a running :class:`CrdtService`, all able to dial each other."""
+    hosts, services = [], []
+    for _ in range(n):
+        host, kp = await stack.enter_async_context(running_host())
+        hosts.append(host)
+        services.append(CrdtService(host, kp, limits=limits))
+    introduce(hosts)
+    for svc in services:
+        await stack.enter_async_context(svc.run())
+    return hosts, services
 
 
 async def connect(a: IHost, b: IHost) -> None:

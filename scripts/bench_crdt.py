@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from crdt_state.limits import CrdtLimits  # noqa: E402
 from crdt_state.service import CrdtService  # noqa: E402
-from crdt_state.testing import introduce, running_host  # noqa: E402
+from crdt_state.testing import start_services  # noqa: E402
 
 
 def _converged(services: list[CrdtService], sid: str, entries: int) -> bool:
@@ -45,14 +45,7 @@ async def _wait(pred, timeout: float) -> None:
 async def run_case(nodes: int, entries: int, interval: float, timeout: float) -> dict:
     limits = CrdtLimits(anti_entropy_interval_s=interval, request_timeout_s=5.0)
     async with AsyncExitStack() as stack:
-        hosts, services = [], []
-        for _ in range(nodes):
-            host, kp = await stack.enter_async_context(running_host())
-            hosts.append(host)
-            services.append(CrdtService(host, kp, limits=limits))
-        introduce(hosts)
-        for svc in services:
-            await stack.enter_async_context(svc.run())
+        hosts, services = await start_services(stack, nodes, limits)
         sid = f"bench-{nodes}-{entries}"
         services[0].create_session(sid, "compat", [s.peer_id for s in services])
         await _wait(lambda: _converged(services, sid, 0), timeout)

@@ -65,16 +65,17 @@ def main() -> int:
     ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "latentlink")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1, help="blake3 max_threads (-1 = AUTO)")
-    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write results as JSON")
     args = ap.parse_args()
     threads = blake3.blake3.AUTO if args.threads < 0 else args.threads
     rows = [bench(p, args.repeat, threads) for p in (args.path or default_paths(args.cache))]
+    for r in rows:
+        print(f"{r['path']}: {r['bytes'] / 2**20:.0f} MiB  digest {r['digest_gbps']:.2f} GB/s  "
+              f"raw blake3 {r['raw_gbps']:.2f} GB/s  (digest/raw speed {r['ratio']:.2f})")
     if args.json:
-        print(json.dumps(rows, indent=2))
-    else:
-        for r in rows:
-            print(f"{r['path']}: {r['bytes'] / 2**20:.0f} MiB  digest {r['digest_gbps']:.2f} GB/s  "
-                  f"raw blake3 {r['raw_gbps']:.2f} GB/s  (digest/raw speed {r['ratio']:.2f})")
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(rows, indent=2))
+        print(f"wrote {args.json}")
     return 0
 
 

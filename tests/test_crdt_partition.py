@@ -8,7 +8,7 @@ import trio
 
 from crdt_state.limits import CrdtLimits
 from crdt_state.service import CrdtService
-from crdt_state.testing import introduce, running_host
+from crdt_state.testing import start_services
 
 FAST = CrdtLimits(anti_entropy_interval_s=0.1, request_timeout_s=1.0)
 
@@ -25,14 +25,7 @@ async def _wait_converged(services: list[CrdtService], sid: str, pred, timeout: 
 
 async def test_five_nodes_partition_heal_converge() -> None:
     async with AsyncExitStack() as stack:
-        hosts, services = [], []
-        for _ in range(5):
-            host, kp = await stack.enter_async_context(running_host())
-            hosts.append(host)
-            services.append(CrdtService(host, kp, limits=FAST))
-        introduce(hosts)
-        for svc in services:
-            await stack.enter_async_context(svc.run())
+        hosts, services = await start_services(stack, 5, FAST)
         ids = [s.peer_id for s in services]
         sid = "sess-partition"
         services[0].create_session(sid, "compat-abc", {p: "agent" for p in ids})

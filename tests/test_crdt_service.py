@@ -9,8 +9,8 @@ import trio
 
 from crdt_state.limits import CrdtLimits
 from crdt_state.replica import Replica
-from crdt_state.service import PROTOCOL_ID, CrdtService
-from crdt_state.testing import introduce, running_host
+from crdt_state.service import PROTOCOL_ID
+from crdt_state.testing import start_services
 from crdt_state.wire import Records, encode
 
 FAST = CrdtLimits(anti_entropy_interval_s=0.1, request_timeout_s=1.0, max_update_bytes=8192)
@@ -18,14 +18,7 @@ FAST = CrdtLimits(anti_entropy_interval_s=0.1, request_timeout_s=1.0, max_update
 
 async def test_subscribe_get_and_outsider_rejected_on_the_wire() -> None:
     async with AsyncExitStack() as stack:
-        hosts, services = [], []
-        for _ in range(3):
-            host, kp = await stack.enter_async_context(running_host())
-            hosts.append(host)
-            services.append(CrdtService(host, kp, limits=FAST))
-        introduce(hosts)
-        for svc in services:
-            await stack.enter_async_context(svc.run())
+        hosts, services = await start_services(stack, 3, FAST)
         a, b, outsider = services
         changes = b.subscribe("s")
         a.create_session("s", "ck", {a.peer_id: "owner", b.peer_id: "reader"})
