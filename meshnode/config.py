@@ -283,6 +283,10 @@ def _cross_checks(cfg: Config, origin: Mapping[str, str]) -> None:
     if cfg.host.bootstrap_backoff_max_s < cfg.host.bootstrap_backoff_s:
         raise ConfigError("host.bootstrap_backoff_max_s", origin.get("host.bootstrap_backoff_max_s", "default"),
                           "must be >= host.bootstrap_backoff_s")
+    if cfg.dht.refresh_interval_s >= cfg.dht.record_ttl_s:
+        raise ConfigError("dht.refresh_interval_s", origin.get("dht.refresh_interval_s", "default"),
+                          f"must be shorter than dht.record_ttl_s ({cfg.dht.record_ttl_s}) or records "
+                          "expire between refreshes")
     if not cfg.host.listen_addrs:
         raise ConfigError("host.listen_addrs", origin.get("host.listen_addrs", "default"),
                           "at least one listen address is required")
