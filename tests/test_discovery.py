@@ -82,7 +82,7 @@ def test_thirty_nodes_three_models_find_exactly_their_providers(tmp_path):
 
 
 def test_killed_provider_disappears_within_ttl(tmp_path):
-    sets = FAST + ["dht.record_ttl_s=4"]
+    sets = FAST + ["dht.record_ttl_s=4", "dht.refresh_interval_s=2"]
     a = ClusterProc(tmp_path / "a", 3, [0], sets=sets)
     b = ClusterProc(tmp_path / "b", 1, [0], bootstrap=[a.nodes[0]["addr"]], sets=sets)
     try:
