@@ -107,6 +107,8 @@ class PeerExchange:
             log.debug("pex dial failed", extra=kv(peer=info.peer_id, err=exc))
 
     async def run(self) -> None:
+        if self.max_peers == 0:  # PEX off: answer nobody's questions with peers, ask none
+            return
         while True:
             await self.round()
             await trio.sleep(self.interval_s * random.uniform(0.8, 1.2))

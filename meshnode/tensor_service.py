@@ -23,6 +23,7 @@ the next path.
 
 from __future__ import annotations
 
+import math
 import mmap
 import secrets
 import socket
@@ -80,7 +81,6 @@ from tensor_rpc.transport.lane import TAG_SLACK
 TENSOR_PROTOCOL = "/latentlink/tensor/1.0.0"
 LANE_PROTOCOL = "/latentlink/tensor-lane/1.0.0"
 TICK_S = 0.5
-INCOMING_QUEUE = 16
 _CTL_MAX = 64 * 1024
 _LEN = struct.Struct(">I")
 _POISON_INDEX = 0xFFFFFFFF
@@ -106,6 +106,7 @@ class TransportSettings:
     stream_read_bytes: int = 8 << 20
     stream_window_bytes: int = 16 << 20
     recv_pool_bytes: int = 2 << 30
+    receive_queue_messages: int = 64
 
     @classmethod
     def from_config(cls, section: Any | None) -> TransportSettings:
@@ -258,7 +259,9 @@ class TensorSession:
         self._close_error: ProtocolError | None = None
         self._close_reason = ""
         self._acks: dict[int, tuple[trio.Event, list]] = {}
-        self._in_send, self._in_recv = trio.open_memory_channel[Received](INCOMING_QUEUE)
+        # Unbounded channel, bounded by policy: a verified, acknowledged message is never dropped;
+        # a peer that outruns the application gets its session closed instead (see _handle).
+        self._in_send, self._in_recv = trio.open_memory_channel[Received](math.inf)
         self._started: dict[int, float] = {}
         self._on_event = on_event or (lambda *a: None)
         self.agreement = None
@@ -371,9 +374,17 @@ class TensorSession:
                 rec = Received(str(self.peer_id), ev.header, ev.buffer, ev.tensors, path, now - started)
                 try:
                     self._in_send.send_nowait(rec)
-                except trio.WouldBlock:
-                    log.warning("receiver queue full; message dropped", extra=kv(peer=self.peer_id))
+                except trio.ClosedResourceError:  # same event batch as an overload close
+                    log.error("message verified after the session closed; not delivered",
+                              extra=kv(peer=self.peer_id, mid=mid))
+                    continue
                 self._on_event("received", self, rec)
+                queued = self._in_recv.statistics().current_buffer_used
+                if queued > self._settings.receive_queue_messages:
+                    log.error("receiver overloaded: closing session (queued messages kept)",
+                              extra=kv(peer=self.peer_id, queued=queued,
+                                       limit=self._settings.receive_queue_messages))
+                    self._handle(self.session.close("receiver overloaded"))
             elif isinstance(ev, AckReceived):
                 waiter = self._acks.get(ev.message_id)
                 if waiter:
