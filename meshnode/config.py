@@ -289,6 +289,13 @@ def _cross_checks(cfg: Config, origin: Mapping[str, str]) -> None:
         raise ConfigError("dht.refresh_interval_s", origin.get("dht.refresh_interval_s", "default"),
                           f"must be shorter than dht.record_ttl_s ({cfg.dht.record_ttl_s}) or records "
                           "expire between refreshes")
+    from tensor_rpc.transport.paths import parse_peer_paths
+
+    try:
+        parse_peer_paths(cfg.transport.peer_paths)
+    except ValueError as exc:
+        raise ConfigError("transport.peer_paths", origin.get("transport.peer_paths", "default"),
+                          str(exc)) from None
     if not cfg.host.listen_addrs:
         raise ConfigError("host.listen_addrs", origin.get("host.listen_addrs", "default"),
                           "at least one listen address is required")

@@ -32,6 +32,7 @@ def test_lists_from_env_and_cli():
     ({"overrides": ["host.max_connections=lots"]}, "host.max_connections", "command line"),
     ({"overrides": ["control.host=0.0.0.0"]}, "control.host", "command line"),
     ({"env": {"MESHNODE_NOPE": "1"}}, "MESHNODE_NOPE", "environment"),
+    ({"overrides": ["transport.peer_paths=12D3KooWabc=fast"]}, "transport.peer_paths", "command line"),
     ({"overrides": ["dht.record_ttl_s=10", "dht.refresh_interval_s=20"]}, "dht.refresh_interval_s", "command line"),
 ])
 def test_invalid_values_name_key_and_source(kwargs, key, source):

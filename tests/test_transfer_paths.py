@@ -231,5 +231,6 @@ def test_path_order_rules():
     assert path_order("P2", "auto", per) == ["bulk", "stream"]
     assert path_order("P2", "auto", per, override="shm") == ["shm", "bulk", "stream"]
     assert path_order("X", "auto", per, shm_enabled=False) == ["bulk", "stream"]
+    assert path_order("X", "shm", per, shm_enabled=False) == ["bulk", "stream"]  # off means off
     with pytest.raises(ValueError):
         parse_peer_paths(["nope"])

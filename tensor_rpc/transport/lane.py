@@ -14,6 +14,7 @@ socket messages (no polling loops).
 
 from __future__ import annotations
 
+import hmac
 import os
 import socket
 import struct
@@ -72,7 +73,7 @@ class LaneSender:
             name = seg.name.encode()
             sock.sendall(SHM_OFFER.pack(len(name), seg.size) + name)
             proof = recv_exact(sock, 32)
-            if proof != mac(key, b"S", nonce):
+            if not hmac.compare_digest(proof, mac(key, b"S", nonce)):
                 raise LaneAuthError("peer could not read the shared segment (not the same host)")
         except BaseException:
             seg.unlink()

@@ -25,6 +25,6 @@ def path_order(peer: str, default: str, per_peer: dict[str, str], override: str 
     """Paths to try, in order, for one transfer to ``peer``."""
     want = override or per_peer.get(peer) or default
     order = list(PATHS) if want == "auto" else list(PATHS[PATHS.index(want):])
-    if not shm_enabled and want != "shm":
-        order = [p for p in order if p != "shm"]
+    if not shm_enabled:  # an operator's "no shared memory" wins over a forced path
+        order = [p for p in order if p != "shm"] or ["bulk", "stream"]
     return order
