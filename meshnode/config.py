@@ -289,7 +289,20 @@ def _cross_checks(cfg: Config, origin: Mapping[str, str]) -> None:
         raise ConfigError("dht.refresh_interval_s", origin.get("dht.refresh_interval_s", "default"),
                           f"must be shorter than dht.record_ttl_s ({cfg.dht.record_ttl_s}) or records "
                           "expire between refreshes")
+    import multiaddr
+
     from tensor_rpc.transport.paths import parse_peer_paths
+
+    for key, addrs, need_peer in (("host.listen_addrs", cfg.host.listen_addrs, False),
+                                  ("host.bootstrap", cfg.host.bootstrap, True)):
+        for a in addrs:
+            try:
+                ma = multiaddr.Multiaddr(a)
+            except Exception as exc:
+                raise ConfigError(key, origin.get(key, "default"), f"bad multiaddr {a!r}: {exc}") from None
+            if need_peer and "/p2p/" not in str(ma):
+                raise ConfigError(key, origin.get(key, "default"),
+                                  f"{a!r} lacks /p2p/<peer id>: a bootstrap peer must be identified")
 
     try:
         parse_peer_paths(cfg.transport.peer_paths)

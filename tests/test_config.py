@@ -23,8 +23,10 @@ def test_precedence_defaults_file_env_cli(tmp_path):
 
 
 def test_lists_from_env_and_cli():
-    cfg = load_config(env={"MESHNODE_HOST_BOOTSTRAP": "/ip4/127.0.0.1/tcp/1/p2p/a, /ip4/127.0.0.1/tcp/2/p2p/b"})
-    assert cfg.host.bootstrap == ["/ip4/127.0.0.1/tcp/1/p2p/a", "/ip4/127.0.0.1/tcp/2/p2p/b"]
+    a = "/ip4/127.0.0.1/tcp/1/p2p/12D3KooWFE3of8tviKvwPEe1t66YmJMML7UNcx35UgjRwiNvK4GK"
+    b = "/ip4/127.0.0.1/tcp/2/p2p/12D3KooWKjhBCjwmXadNrQJEHhby7KLkpajYLAzR4NsPM469UaCC"
+    cfg = load_config(env={"MESHNODE_HOST_BOOTSTRAP": f"{a}, {b}"})
+    assert cfg.host.bootstrap == [a, b]
 
 
 @pytest.mark.parametrize("kwargs,key,source", [
@@ -32,6 +34,8 @@ def test_lists_from_env_and_cli():
     ({"overrides": ["host.max_connections=lots"]}, "host.max_connections", "command line"),
     ({"overrides": ["control.host=0.0.0.0"]}, "control.host", "command line"),
     ({"env": {"MESHNODE_NOPE": "1"}}, "MESHNODE_NOPE", "environment"),
+    ({"overrides": ["host.bootstrap=/ip4/127.0.0.1/tcp/4001"]}, "host.bootstrap", "command line"),
+    ({"env": {"MESHNODE_HOST_LISTEN_ADDRS": "/ip9/nowhere"}}, "host.listen_addrs", "environment"),
     ({"overrides": ["transport.peer_paths=12D3KooWabc=fast"]}, "transport.peer_paths", "command line"),
     ({"overrides": ["dht.record_ttl_s=10", "dht.refresh_interval_s=20"]}, "dht.refresh_interval_s", "command line"),
 ])
