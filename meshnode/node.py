@@ -35,6 +35,7 @@ from meshnode.tensor_service import Received, Sent, TensorService, TensorSession
 from tensor_rpc import AccessPolicy, Limits
 
 log = get_logger("meshnode.node")
+OUTCOME_WAIT_S = 10.0  # how long a receiver waits for the sender's session document to replicate
 
 
 class Node:
@@ -76,12 +77,14 @@ class Node:
         self.model: Any = None  # meshnode.runtime.loader.LoadedModel once [runtime].model is loaded
         self.model_error: str | None = None
         self._model_done = trio.Event()
+        self._nursery: trio.Nursery | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[Node] = trio.TASK_STATUS_IGNORED) -> None:
         cfg = self.config
         async with self.host.run(listen_addrs=listen_multiaddrs(cfg.host)):
             async with trio.open_nursery() as nursery:
+                self._nursery = nursery
                 if cfg.control.enabled:
                     server = control.ControlServer(cfg.control.host, cfg.control.port,
                                                    self._routes(), cfg.data_dir / "control.json")
@@ -214,9 +217,13 @@ class Node:
         if what == "received" and isinstance(item, Received):
             m.transfers.labels(direction="in", path=item.path, result="ok").inc()
             m.transfer_bytes.labels(direction="in", path=item.path).inc(len(item.buffer))
+            self._record_outcome(ts, str(item.header.message_id), "applied",
+                                 "checksums verified and delivered", {"receive_s": item.elapsed_s})
         elif what == "rejected":
-            m.transfers.labels(direction="in" if item.local else "out", path="stream",
+            m.transfers.labels(direction="in" if item.local else "out", path="any",
                                result="rejected").inc()
+            if item.local:
+                self._record_outcome(ts, str(item.message_id), "rejected", str(item.error), {})
 
     def record_sent(self, ts: TensorSession, sent: Sent, kind: str, layers: tuple[int, int],
                     tokens: tuple[int, int]) -> None:
@@ -224,13 +231,38 @@ class Node:
         self.metrics.transfers.labels(direction="out", path=sent.path, result="ok").inc()
         self.metrics.transfer_bytes.labels(direction="out", path=sent.path).inc(sent.nbytes)
         try:
-            mid = self.crdt.log_message(
+            self.crdt.log_message(
                 ts.session_id, kind=kind, receiver=str(ts.peer_id), message_id=str(sent.message_id),
                 layers=layers, tokens=tokens, nbytes=sent.nbytes, checksums=[c.hex() for c in sent.checksums],
                 path=sent.path, timings={"transfer_s": sent.elapsed_s})
-            self.crdt.record_outcome(ts.session_id, mid, "applied", "receiver acknowledged checksums")
         except Exception as exc:
             log.warning("could not log transfer", extra=kv(err=exc))
+
+    def _record_outcome(self, ts: TensorSession, message_id: str, status: str, reason: str,
+                        timings: dict[str, float]) -> None:
+        """The receiver states, in the shared session log, what it accepted (or rejected) and why."""
+        sid = ts.session_id
+        if sid not in self.crdt.engine.replicas and self._nursery is not None:
+            # The sender's session document may still be on its way: record once it arrives.
+            self._nursery.start_soon(self._record_outcome_later, sid, message_id, status, reason, timings)
+            return
+        try:
+            self.crdt.record_outcome(sid, message_id, status, reason, timings)
+        except Exception as exc:  # metadata must never block the data path
+            log.warning("could not record outcome", extra=kv(err=exc))
+
+    async def _record_outcome_later(self, sid: str, message_id: str, status: str, reason: str,
+                                    timings: dict[str, float]) -> None:
+        with trio.move_on_after(OUTCOME_WAIT_S):
+            while sid not in self.crdt.engine.replicas:
+                await trio.sleep(0.05)
+            try:
+                self.crdt.record_outcome(sid, message_id, status, reason, timings)
+            except Exception as exc:
+                log.warning("could not record outcome", extra=kv(err=exc))
+            return
+        log.warning("session document never arrived; outcome not recorded",
+                    extra=kv(session=sid, message=message_id, status=status))
 
     # -- model runtime ---------------------------------------------------------------------------
     async def _load_model(self) -> None:
