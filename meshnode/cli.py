@@ -94,11 +94,17 @@ def cmd_id(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
-    st = _control(cfg, args, "/status")
+def _show(cfg: Config, args: argparse.Namespace, path: str, render) -> int:
+    """Fetch ``path`` from the running node; print JSON with ``--json``, else ``render`` it."""
+    data = _control(cfg, args, path)
     if args.json:
-        print(json.dumps(st, indent=2))
-        return 0
+        print(json.dumps(data, indent=2))
+    else:
+        render(data)
+    return 0
+
+
+def _render_status(st: dict) -> None:
     for k, v in st.items():
         if isinstance(v, list):
             print(f"{k}:")
@@ -106,19 +112,21 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
                 print(f"  {item}")
         else:
             print(f"{k}: {v}")
-    return 0
 
 
-def cmd_peers(cfg: Config, args: argparse.Namespace) -> int:
-    peers = _control(cfg, args, "/peers")
-    if args.json:
-        print(json.dumps(peers, indent=2))
-        return 0
+def _render_peers(peers: list) -> None:
     if not peers:
         print("no connected peers")
     for p in peers:
         print(p["peer_id"], " ".join(p["addrs"][:2]))
-    return 0
+
+
+def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
+    return _show(cfg, args, "/status", _render_status)
+
+
+def cmd_peers(cfg: Config, args: argparse.Namespace) -> int:
+    return _show(cfg, args, "/peers", _render_peers)
 
 
 def cmd_config(cfg: Config, args: argparse.Namespace) -> int:

@@ -43,6 +43,7 @@ from libp2p.network.stream.exceptions import StreamEOF
 from libp2p.peer.id import ID
 
 from discovery.signature import ModelSignature
+from discovery.streamio import FrameError, read_exactly
 from meshnode.logs import get_logger, kv
 from tensor_rpc import (
     AccessPolicy,
@@ -214,16 +215,10 @@ async def _grow_yamux_window(stream: Any, target: int) -> None:
 
 
 async def _read_exact(stream: Any, n: int) -> bytes:
-    out = bytearray()
-    while len(out) < n:
-        try:
-            data = await stream.read(n - len(out))
-        except StreamEOF:
-            data = b""
-        if not data:
-            raise ConnectionError("lane-control stream closed")
-        out += data
-    return bytes(out)
+    try:
+        return await read_exactly(stream, n)
+    except FrameError as exc:  # callers treat a short lane-control read as a lost connection
+        raise ConnectionError(f"lane-control stream closed: {exc}") from None
 
 
 async def _read_msg(stream: Any) -> dict:
