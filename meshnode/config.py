@@ -272,12 +272,13 @@ def _cross_checks(cfg: Config, origin: Mapping[str, str]) -> None:
     import ipaddress
 
     try:
-        if not ipaddress.ip_address(cfg.control.host).is_loopback:
-            raise ConfigError("control.host", origin.get("control.host", "default"),
-                              "the control API must bind to a loopback address")
+        control_ip = ipaddress.ip_address(cfg.control.host)
     except ValueError:
         raise ConfigError("control.host", origin.get("control.host", "default"),
                           f"not an IP address: {cfg.control.host!r}") from None
+    if not control_ip.is_loopback:
+        raise ConfigError("control.host", origin.get("control.host", "default"),
+                          "the control API must bind to a loopback address")
     for c in cfg.protocol.ciphers:
         if c not in ("aegis256", "xchacha20poly1305"):
             raise ConfigError("protocol.ciphers", origin.get("protocol.ciphers", "default"),
