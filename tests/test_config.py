@@ -45,16 +45,16 @@ def test_invalid_values_name_key_and_source(kwargs, key, source):
     assert ei.value.key == key and source in ei.value.source
 
 
-@pytest.mark.parametrize("toml,key", [
-    ('[host]\nmax_conections = 5\n', "host.max_conections"),           # unknown key (typo)
-    ('[protocol]\nchunk_bytes = "big"\n', "protocol.chunk_bytes"),    # wrong type
-    ('[dht]\nrecord_ttl_s = -3\n', "dht.record_ttl_s"),               # out of range
-])
 def test_control_api_refuses_non_loopback():
     with pytest.raises(ConfigError, match="loopback"):
         load_config(env={}, overrides=["control.host=0.0.0.0"])
 
 
+@pytest.mark.parametrize("toml,key", [
+    ('[host]\nmax_conections = 5\n', "host.max_conections"),           # unknown key (typo)
+    ('[protocol]\nchunk_bytes = "big"\n', "protocol.chunk_bytes"),    # wrong type
+    ('[dht]\nrecord_ttl_s = -3\n', "dht.record_ttl_s"),               # out of range
+])
 def test_invalid_config_file_exits_2_naming_key(tmp_path, toml, key):
     f = tmp_path / "bad.toml"
     f.write_text(toml)
