@@ -27,10 +27,10 @@ from libp2p import new_host  # noqa: E402
 from libp2p.crypto.ed25519 import create_new_key_pair  # noqa: E402
 from libp2p.peer.peerinfo import info_from_p2p_addr  # noqa: E402
 
+from discovery.streamio import read_exactly  # noqa: E402
 from meshnode.config import HostSection  # noqa: E402
 from meshnode.host import build_host, muxer_options, security_options  # noqa: E402
 from meshnode.logs import setup_logging  # noqa: E402
-from discovery.streamio import read_exactly  # noqa: E402
 
 ECHO = "/latentlink/bench-echo/1.0.0"
 LOOP = multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")
