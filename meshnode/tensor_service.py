@@ -44,6 +44,7 @@ from libp2p.peer.id import ID
 
 from discovery.signature import ModelSignature
 from discovery.streamio import FrameError, read_exactly
+from meshnode.config import TransportSection
 from meshnode.logs import get_logger, kv
 from tensor_rpc import (
     AccessPolicy,
@@ -90,33 +91,6 @@ _POISON_INDEX = 0xFFFFFFFF
 LANE_THREADS = trio.CapacityLimiter(4096)
 HANDSHAKE_THREADS = trio.CapacityLimiter(16)
 log = get_logger("meshnode.tensor")
-
-
-@dataclass(frozen=True)
-class TransportSettings:
-    """The ``[transport]`` keys this service uses (duck-typed from ``meshnode.config``)."""
-
-    path: str = "auto"
-    peer_paths: tuple[str, ...] = ()
-    bulk_listen_host: str = "0.0.0.0"
-    bulk_port: int = 0
-    shm_enabled: bool = True
-    shm_ring_bytes: int = 64 << 20
-    lane_connect_timeout_s: float = 5.0
-    lane_socket_buffer_bytes: int = 4 << 20
-    stream_read_bytes: int = 8 << 20
-    stream_window_bytes: int = 16 << 20
-    recv_pool_bytes: int = 2 << 30
-    receive_queue_messages: int = 64
-
-    @classmethod
-    def from_config(cls, section: Any | None) -> TransportSettings:
-        if section is None:
-            return cls()
-        kw = {f: getattr(section, f) for f in cls.__dataclass_fields__ if hasattr(section, f)}
-        if "peer_paths" in kw:
-            kw["peer_paths"] = tuple(kw["peer_paths"])
-        return cls(**kw)
 
 
 class SessionClosed(ConnectionError):
@@ -246,7 +220,7 @@ class TensorSession:
         self.stream = stream
         self.peer_id = peer_id
         self._service = service
-        self._settings = service.transport if service else TransportSettings()
+        self._settings = service.transport if service else TransportSection()
         self._write_lock = trio.Lock()
         self._send_lock = trio.Lock()
         self._ready = trio.Event()
@@ -701,7 +675,7 @@ class TensorSession:
 
 
 def _connect_bulk(hosts: list[str], port: int, sid: bytes, key: bytes, max_sealed: int,
-                  s: TransportSettings) -> LaneSender:
+                  s: TransportSection) -> LaneSender:
     last: Exception = ConnectionError("no address to try")
     for host in dict.fromkeys(hosts):
         try:
@@ -720,7 +694,7 @@ def _connect_bulk(hosts: list[str], port: int, sid: bytes, key: bytes, max_seale
     raise last
 
 
-def _connect_shm(name: str, sid: bytes, key: bytes, max_sealed: int, s: TransportSettings) -> LaneSender:
+def _connect_shm(name: str, sid: bytes, key: bytes, max_sealed: int, s: TransportSection) -> LaneSender:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.settimeout(s.lane_connect_timeout_s)
@@ -739,10 +713,10 @@ class TensorService:
     """Accepts and opens tensor sessions for a node; all session tasks live in its nursery."""
 
     def __init__(self, host: IHost, key_pair: KeyPair, limits: Limits, policy: AccessPolicy,
-                 signature: ModelSignature | None = None, on_event=None, transport: Any = None) -> None:
+                 signature: ModelSignature | None = None, on_event=None, transport: TransportSection | None = None) -> None:
         self.host, self.key_pair, self.limits, self.policy = host, key_pair, limits, policy
         self.signature = signature
-        self.transport = TransportSettings.from_config(transport)
+        self.transport = transport if transport is not None else TransportSection()
         self._peer_paths = parse_peer_paths(self.transport.peer_paths)
         self.sessions: dict[str, TensorSession] = {}
         self._on_event = on_event
