@@ -9,7 +9,7 @@ import sys
 import urllib.request
 from pathlib import Path
 
-from tests.helpers.nodeproc import ROOT, clean_env
+from tests.helpers.nodeproc import ROOT, clean_env, stop_process
 
 
 class ClusterProc:
@@ -42,12 +42,6 @@ class ClusterProc:
             return json.loads(r.read())
 
     def stop(self, sig: int = signal.SIGTERM) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        code = stop_process(self.proc, sig, timeout=30.0)
         self._err.close()
-        return self.proc.returncode
+        return code

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.helpers.nodeproc import ROOT, clean_env, meshnode_cmd
+from tests.helpers.nodeproc import ROOT, clean_env, meshnode_cmd, stop_process
 
 
 class NoEvent(AssertionError):
@@ -109,12 +109,6 @@ class HandoffProc:
         return self.proc.wait(timeout)
 
     def terminate(self, timeout: float = 15.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        code = stop_process(self.proc, signal.SIGTERM, timeout)
         self._err.close()
-        return self.proc.returncode
+        return code

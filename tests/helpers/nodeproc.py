@@ -76,17 +76,23 @@ class NodeProc:
             return ""
 
     def terminate(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        code = stop_process(self.proc, sig, timeout)
         self._err.close()
         if self.proc.stdout:
             self.proc.stdout.close()
-        return self.proc.returncode
+        return code
+
+
+def stop_process(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
+    """Signal ``proc`` (if still running), wait ``timeout`` s, then SIGKILL; its exit code."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
 
 
 def wait_until(pred, timeout: float, interval: float = 0.1, what: str = "condition"):
