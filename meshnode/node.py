@@ -97,7 +97,6 @@ class Node:
                     nursery.start_soon(self._load_model)
                 nursery.start_soon(self._bootstrap)
                 nursery.start_soon(self.pex.run)
-                nursery.start_soon(self._update_gauges)
                 log.info("node started", extra=kv(peer_id=self.peer_id, addrs=[str(a) for a in self.addrs]))
                 self._ready.set()
                 task_status.started(self)
@@ -355,11 +354,10 @@ class Node:
             "model": self._model_status(),
         }
 
-    async def _update_gauges(self) -> None:
-        while True:
-            self.metrics.connections.set(len(self.host.get_connected_peers()))
-            self.metrics.streams.set(self._stream_count())
-            await trio.sleep(1.0)
+    def _refresh_gauges(self) -> None:
+        """Gauges are read only through ``/metrics``, so they are refreshed at scrape time."""
+        self.metrics.connections.set(len(self.host.get_connected_peers()))
+        self.metrics.streams.set(self._stream_count())
 
     def _sessions_route(self, tail: str) -> Any:
         if not tail:
@@ -371,8 +369,7 @@ class Node:
 
     def _routes(self) -> dict[str, control.Route]:
         def metrics_route(_tail: str) -> tuple[int, str, bytes]:
-            self.metrics.connections.set(len(self.host.get_connected_peers()))
-            self.metrics.streams.set(self._stream_count())
+            self._refresh_gauges()
             return 200, "text/plain; version=0.0.4", self.metrics.render()
 
         return {
