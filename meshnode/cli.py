@@ -327,6 +327,12 @@ def _control(cfg: Config, args: argparse.Namespace, path: str) -> Any:
 
 
 # -- entry point --------------------------------------------------------------------------------
+def _control_client_args(c: argparse.ArgumentParser) -> None:
+    """Options of every command that talks to a running node through its control API."""
+    c.add_argument("--control-url", help="control API base URL (default: from data dir/config)")
+    c.add_argument("--json", action="store_true", help="machine-readable output")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="meshnode",
@@ -346,8 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
                                ("peers", cmd_peers, "peers the running node is connected to")):
         c = sub.add_parser(name, help=helptext)
         _config_args(c)
-        c.add_argument("--control-url", help="control API base URL (default: from data dir/config)")
-        c.add_argument("--json", action="store_true", help="machine-readable output")
+        _control_client_args(c)
         c.set_defaults(fn=fn)
 
     c = sub.add_parser("signature", help="print a model's signature and compat key (loads it)")
@@ -361,16 +366,14 @@ def build_parser() -> argparse.ArgumentParser:
     g = c.add_mutually_exclusive_group(required=True)
     g.add_argument("--model", help="model path whose compat key to look up (loads it)")
     g.add_argument("--key", help="compat key to look up")
-    c.add_argument("--control-url", help="control API base URL (default: from data dir/config)")
+    _control_client_args(c)
     c.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the lookup")
-    c.add_argument("--json", action="store_true", help="machine-readable output")
     c.set_defaults(fn=cmd_find)
 
     c = sub.add_parser("sessions", help="tensor sessions of the running node (replicated CRDT log)")
     _config_args(c)
-    c.add_argument("--control-url", help="control API base URL (default: from data dir/config)")
+    _control_client_args(c)
     c.add_argument("--watch", action="store_true", help="refresh every second until Ctrl-C")
-    c.add_argument("--json", action="store_true", help="machine-readable output")
     c.set_defaults(fn=cmd_sessions)
 
     c = sub.add_parser("handoff", help="run a node with a model and hand KV caches to / take them from peers")
