@@ -18,6 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
+#: Must match ``tensor_rpc.aead.CIPHERS`` (not imported here: config loads before libsodium).
+CIPHER_NAMES = ("aegis128l", "aegis256", "xchacha20poly1305")
+
 KiB = 1024
 MiB = 1024 * KiB
 GiB = 1024 * MiB
@@ -82,7 +85,7 @@ class ProtocolSection:
     chunk_bytes: int = _f(4 * MiB, 4 * KiB, 256 * MiB, doc="AEAD chunk size on the wire")
     handshake_timeout_s: float = _f(10.0, 0.1, 600.0)
     idle_timeout_s: float = _f(300.0, 1.0, 86400.0, doc="idle sessions expire")
-    ciphers: list[str] = _f(["aegis256", "xchacha20poly1305"], doc="preference order")
+    ciphers: list[str] = _f(["aegis128l", "aegis256", "xchacha20poly1305"], doc="preference order")
     residual_gain_max: float = _f(4.0, 0.0, 1e6, doc="highest RESIDUAL_PATCH gain negotiated")
 
 
@@ -280,9 +283,9 @@ def _cross_checks(cfg: Config, origin: Mapping[str, str]) -> None:
         raise ConfigError("control.host", origin.get("control.host", "default"),
                           "the control API must bind to a loopback address")
     for c in cfg.protocol.ciphers:
-        if c not in ("aegis256", "xchacha20poly1305"):
+        if c not in CIPHER_NAMES:
             raise ConfigError("protocol.ciphers", origin.get("protocol.ciphers", "default"),
-                              f"unknown cipher {c!r}; known: aegis256, xchacha20poly1305")
+                              f"unknown cipher {c!r}; known: {', '.join(CIPHER_NAMES)}")
     if cfg.host.bootstrap_backoff_max_s < cfg.host.bootstrap_backoff_s:
         raise ConfigError("host.bootstrap_backoff_max_s", origin.get("host.bootstrap_backoff_max_s", "default"),
                           "must be >= host.bootstrap_backoff_s")

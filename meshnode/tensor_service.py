@@ -61,10 +61,11 @@ from tensor_rpc import (
     ProtocolError,
     Role,
     Session,
-    pack_tensors,
 )
-from tensor_rpc.envelope import DTYPES, Envelope, TensorSpec
-from tensor_rpc.tensors import byte_view
+from tensor_rpc.envelope import Envelope, TensorSpec
+from tensor_rpc.message import PayloadSource
+from tensor_rpc.session import SinkFactory
+from tensor_rpc.tensors import tensor_source
 from tensor_rpc.transport import (
     KIND_BULK,
     KIND_SHM,
@@ -111,6 +112,7 @@ class Received:
     tensors: list[tuple[TensorSpec, memoryview]]
     path: str
     elapsed_s: float
+    sink: Any = None  # set when the message streamed into a sink (see TensorSession.sink_factory)
 
 
 @dataclass(frozen=True)
@@ -234,7 +236,6 @@ class TensorSession:
         self._started: dict[int, float] = {}
         self._on_event = on_event or (lambda *a: None)
         self.agreement = None
-        self._pack_buf: bytearray | None = None
         # receiver-side lane bookkeeping
         self._live: set[int] = set()  # incoming messages started and not finished
         self._last_started = 0
@@ -340,7 +341,8 @@ class TensorSession:
                 self._finish_incoming(mid)
                 self._delivered.append(mid)
                 path = self._mid_path.pop(mid, "stream")
-                rec = Received(str(self.peer_id), ev.header, ev.buffer, ev.tensors, path, now - started)
+                rec = Received(str(self.peer_id), ev.header, ev.buffer, ev.tensors, path,
+                               now - started, ev.sink)
                 try:
                     self._in_send.send_nowait(rec)
                 except trio.ClosedResourceError:  # same event batch as an overload close
@@ -556,22 +558,15 @@ class TensorSession:
         if self._closed.is_set():
             raise SessionClosed(self._close_reason, self._close_error)
 
-    def _pack(self, tensors: Sequence[tuple[str, str, Sequence[int], Any]]) -> tuple[list, memoryview]:
-        if len(tensors) == 1:  # one contiguous tensor: send it in place, no copy
-            name, dtype, shape, buf = tensors[0]
-            view = byte_view(buf)
-            if dtype not in DTYPES:
-                raise ProtocolError(ErrorCode.UNSUPPORTED, f"unknown dtype {dtype}")
-            n = DTYPES[dtype]
-            for d in shape:
-                n *= int(d)
-            if n != len(view):
-                raise ProtocolError(ErrorCode.CHECKSUM, f"{name}: shape x itemsize != buffer length")
-            return [TensorSpec(name, dtype, tuple(int(d) for d in shape), len(view))], view
-        total = sum(byte_view(t[3]).nbytes for t in tensors)
-        if self._pack_buf is None or len(self._pack_buf) < total:
-            self._pack_buf = bytearray(total)  # reused: sends are serialized, payload kept to the ACK
-        return pack_tensors(tensors, into=self._pack_buf)
+    @property
+    def sink_factory(self) -> SinkFactory | None:
+        """Per incoming header, a :class:`~tensor_rpc.message.ChunkSink` to stream the message into
+        (bounded memory: one chunk of staging) instead of one payload-sized buffer, or ``None``."""
+        return self.session.sink_factory
+
+    @sink_factory.setter
+    def sink_factory(self, factory: SinkFactory | None) -> None:
+        self.session.sink_factory = factory
 
     async def send(self, tensors: Sequence[tuple[str, str, Sequence[int], Any]], *, kind: Kind,
                    layers: tuple[int, int], tokens: tuple[int, int], meta: dict | None = None,
@@ -580,14 +575,28 @@ class TensorSession:
                    path: str | None = None) -> Sent:
         """Send one message and wait for the receiver's acknowledgement (checksums verified).
 
-        ``path`` (``auto|shm|bulk|stream``) overrides the configured path for this transfer; a
-        failing fast path falls back to the next slower one. ``Sent.path`` says which one carried it.
+        ``tensors`` are ``(name, dtype, shape, buffer)``; their bytes are sealed straight from the
+        buffers (no packing copy). ``path`` (``auto|shm|bulk|stream``) overrides the configured path
+        for this transfer; a failing fast path falls back to the next slower one. ``Sent.path``
+        says which one carried it.
         """
+        specs, payload = tensor_source(tensors)
+        return await self.send_from(specs, payload, kind=kind, layers=layers, tokens=tokens,
+                                    meta=meta, apply=apply, gain=gain, batch_slot=batch_slot,
+                                    timeout_s=timeout_s, path=path)
+
+    async def send_from(self, specs: Sequence[TensorSpec], payload: PayloadSource, *, kind: Kind,
+                        layers: tuple[int, int], tokens: tuple[int, int], meta: dict | None = None,
+                        apply: ApplyMode = ApplyMode.OVERWRITE, gain: float | None = None,
+                        batch_slot: int = 0, timeout_s: float | None = None,
+                        path: str | None = None) -> Sent:
+        """Like :meth:`send`, with the payload produced chunk by chunk by ``payload`` (a
+        :class:`~tensor_rpc.message.PayloadSource`): sender memory stays bounded by one chunk per
+        path whatever the payload size."""
         if self._closed.is_set():
             raise SessionClosed(self._close_reason, self._close_error)
         t0 = time.monotonic()
         async with self._send_lock:
-            specs, payload = self._pack(tensors)
             assert self._service is not None or path in (None, "stream")
             order = (self._service.path_order(str(self.peer_id), path) if self._service
                      else ["stream"])
@@ -602,7 +611,7 @@ class TensorSession:
                                              tokens=tokens, meta=meta, apply=apply, gain=gain,
                                              batch_slot=batch_slot, timeout_s=timeout_s)
                 if sent is not None:
-                    return Sent(sent[0], len(payload), sent[1], p, time.monotonic() - t0)
+                    return Sent(sent[0], payload.nbytes, sent[1], p, time.monotonic() - t0)
             raise SessionClosed("no data path left", None)
 
     async def _send_once(self, specs, payload, lane: LaneSender | None, path: str, *, kind, layers,
@@ -633,6 +642,7 @@ class TensorSession:
                         raise SessionClosed(f"lane failed and abandon unconfirmed: {exc2}") from exc
                     if state != "delivered":
                         return None  # dropped on the receiver: resend on the next path
+                await self.flush()  # the DIGEST, now that the lane sealed (and hashed) every chunk
             # Chunks beyond the peer's credit go out as CREDIT frames arrive (reader task flushes).
             with trio.fail_after(timeout_s or self.session.limits.transfer_timeout_s):
                 await done[0].wait()
@@ -643,8 +653,8 @@ class TensorSession:
         ev = done[1][0]
         if isinstance(ev, MessageRejected):
             raise ev.error
-        sent_sums = tuple(s.blake3 for s in msg.envelope.tensors)
-        if tuple(ev.checksums) != sent_sums:  # the session checks this too; belt and braces
+        sent_sums = msg.digests
+        if sent_sums is None or tuple(ev.checksums) != sent_sums:  # the session checks this too; belt and braces
             raise ProtocolError(ErrorCode.CHECKSUM, "acknowledged checksums differ from sent")
         return msg.message_id, sent_sums
 

@@ -20,14 +20,24 @@ from .events import (
 )
 from .handshake import SUPPORTED_VERSIONS, Agreement, Hello
 from .limits import Limits
-from .message import IncomingMessage, OutgoingMessage, checksum
+from .message import (
+    ChunkSink,
+    GatherSource,
+    IncomingMessage,
+    MemorySource,
+    OutgoingMessage,
+    PayloadSource,
+    checksum,
+)
 from .session import Role, Session, State
-from .tensors import pack_tensors
+from .tensors import pack_tensors, tensor_source
 
 __all__ = [
     "CIPHERS", "DTYPES", "SUPPORTED_VERSIONS", "AccessPolicy", "AckReceived", "Agreement",
-    "ApplyMode", "Closed", "CreditGranted", "Envelope", "EnvelopeBounds", "ErrorCode", "Event",
-    "HandshakeComplete", "Hello", "IncomingMessage", "Kind", "Limits", "MessageReceived",
-    "MessageRejected", "MessageStarted", "Opener", "OutgoingMessage", "ProtocolError", "Role",
+    "ApplyMode", "ChunkSink", "Closed", "CreditGranted", "Envelope", "EnvelopeBounds", "ErrorCode", "Event",
+    "GatherSource", "HandshakeComplete", "Hello", "IncomingMessage", "Kind", "Limits", "MessageReceived",
+    "MessageRejected", "MessageStarted", "MemorySource", "Opener", "OutgoingMessage",
+    "PayloadSource", "ProtocolError", "Role",
     "Sealer", "Session", "State", "TensorSpec", "TokenBucket", "checksum", "pack_tensors",
+    "tensor_source",
 ]

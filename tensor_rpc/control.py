@@ -1,6 +1,7 @@
-"""Small sealed control messages after the handshake: ACK, REJECT, CREDIT, CLOSE, and plaintext ABORT.
+"""Small sealed control messages after the handshake: DIGEST, ACK, REJECT, CREDIT, CLOSE, and
+plaintext ABORT.
 
-Each is a msgpack map. The ACK echoes the BLAKE3 the *receiver computed* for every tensor
+Each is a msgpack map. DIGEST carries the sender's per-tensor BLAKE3 after the last chunk; the ACK echoes the BLAKE3 the *receiver computed* for every tensor
 (invariant C); the sender compares it with what it sent.
 """
 
@@ -34,6 +35,19 @@ def decode_ack(body: bytes, max_tensors: int) -> Ack:
     if not all(isinstance(s, bytes) and len(s) == CHECKSUM_BYTES for s in sums):
         raise ProtocolError(ErrorCode.MALFORMED, "ack checksums must be 32-byte strings")
     return Ack(need_uint(d, "mid"), need_uint(d, "len"), tuple(sums))
+
+
+def encode_digest(message_id: int, sums: tuple[bytes, ...]) -> bytes:
+    return pack({"mid": message_id, "sums": list(sums)})
+
+
+def decode_digest(body: bytes, max_tensors: int) -> tuple[int, tuple[bytes, ...]]:
+    d = unpack_map(body, max(MAX_CONTROL_BYTES, 40 * max_tensors + 64), max_array=max_tensors,
+                   max_map=8, max_str=64, max_bin=CHECKSUM_BYTES)
+    sums = need(d, "sums", list)
+    if not all(isinstance(s, bytes) and len(s) == CHECKSUM_BYTES for s in sums):
+        raise ProtocolError(ErrorCode.MALFORMED, "digest checksums must be 32-byte strings")
+    return need_uint(d, "mid"), tuple(sums)
 
 
 def encode_error(err: ProtocolError, message_id: int | None = None) -> bytes:

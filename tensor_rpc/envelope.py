@@ -2,7 +2,7 @@
 
 Invariant B (semantics) and C (determinism) live here: every message states its kind, layer and
 token ranges, batch slot and apply mode, and lists each tensor with dtype, shape, byte length and
-BLAKE3. :func:`decode_envelope` checks all of it against the negotiated bounds before the receiver
+byte length (its BLAKE3 follows the data in a DIGEST frame). :func:`decode_envelope` checks all of it against the negotiated bounds before the receiver
 allocates the payload buffer, so a header alone can never make us allocate more than allowed.
 """
 
@@ -56,10 +56,10 @@ class TensorSpec:
     dtype: str
     shape: tuple[int, ...]
     byte_length: int
-    blake3: bytes = b""
+    blake3: bytes = b""  # not in the HEADER: known once the sender sealed the last chunk (DIGEST)
 
     def to_wire(self) -> list[Any]:
-        return [self.name, self.dtype, list(self.shape), self.byte_length, self.blake3]
+        return [self.name, self.dtype, list(self.shape), self.byte_length]
 
 
 @dataclass(frozen=True)
@@ -116,7 +116,7 @@ def decode_envelope(body: bytes, bounds: EnvelopeBounds) -> Envelope:
     """Parse and fully validate a header; raises only ProtocolError."""
     d = unpack_map(body, bounds.max_metadata_bytes,
                    max_array=max(bounds.max_tensors_per_message, MAX_META_LIST), max_map=64,
-                   max_str=MAX_NAME * 16, max_bin=CHECKSUM_BYTES * 2)
+                   max_str=MAX_NAME * 16, max_bin=CHECKSUM_BYTES * 2)  # meta bin values
     sid = need(d, "sid", bytes)
     mid = need_uint(d, "mid")
     kind = _enum(Kind, need(d, "kind", str), bounds.kinds)
@@ -151,8 +151,7 @@ def validate_specs(specs: Sequence[TensorSpec], bounds: EnvelopeBounds) -> None:
     if len(specs) > bounds.max_tensors_per_message:
         raise ProtocolError(ErrorCode.LIMIT, "too many tensors")
     for s in specs:
-        _spec([s.name, s.dtype, list(s.shape), s.byte_length, s.blake3 or bytes(CHECKSUM_BYTES)],
-              bounds)
+        _spec(s.to_wire(), bounds)
     if sum(s.byte_length for s in specs) > bounds.max_message_bytes:
         raise ProtocolError(ErrorCode.LIMIT, "payload exceeds max_message_bytes")
 
@@ -190,9 +189,9 @@ def _meta(m: dict[str, Any]) -> dict[str, Any]:
 
 
 def _spec(x: Any, bounds: EnvelopeBounds) -> TensorSpec:
-    if not isinstance(x, list) or len(x) != 5:
-        raise ProtocolError(ErrorCode.MALFORMED, "tensor spec must be [name, dtype, shape, len, blake3]")
-    name, dtype, shape, nbytes, digest = x
+    if not isinstance(x, list) or len(x) != 4:
+        raise ProtocolError(ErrorCode.MALFORMED, "tensor spec must be [name, dtype, shape, len]")
+    name, dtype, shape, nbytes = x
     if not isinstance(name, str) or len(name) > MAX_NAME:
         raise ProtocolError(ErrorCode.MALFORMED, "tensor name must be a short string")
     if not isinstance(dtype, str) or dtype not in DTYPES:
@@ -208,6 +207,4 @@ def _spec(x: Any, bounds: EnvelopeBounds) -> TensorSpec:
         raise ProtocolError(ErrorCode.LIMIT, f"byte_length of {name!r} out of range")
     if math.prod(shape) * DTYPES[dtype] != nbytes:
         raise ProtocolError(ErrorCode.CHECKSUM, f"shape x itemsize != byte_length for {name!r}")
-    if not isinstance(digest, bytes) or len(digest) != CHECKSUM_BYTES:
-        raise ProtocolError(ErrorCode.MALFORMED, f"blake3 of {name!r} must be 32 bytes")
-    return TensorSpec(name, dtype, tuple(shape), nbytes, digest)
+    return TensorSpec(name, dtype, tuple(shape), nbytes)

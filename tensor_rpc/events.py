@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from .envelope import Envelope, TensorSpec
 from .errors import ProtocolError
@@ -27,11 +28,15 @@ class MessageStarted(Event):
 
 @dataclass(frozen=True)
 class MessageReceived(Event):
-    """Every chunk decrypted and every tensor verified; ``tensors`` are views into ``buffer``."""
+    """Every chunk decrypted and every tensor verified; ``tensors`` are views into ``buffer``.
+
+    A message that streamed into a sink has an empty ``buffer`` and ``tensors``; ``sink`` holds
+    its (now verified) bytes."""
 
     header: Envelope
     buffer: memoryview
     tensors: list[tuple[TensorSpec, memoryview]]
+    sink: Any = None
 
 
 @dataclass(frozen=True)

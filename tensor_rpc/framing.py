@@ -27,6 +27,7 @@ class FrameType(enum.IntEnum):
     REJECT = 0x12
     CREDIT = 0x13
     CLOSE = 0x14
+    DIGEST = 0x15
     CHUNK = 0x20
 
 

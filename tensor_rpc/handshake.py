@@ -21,7 +21,7 @@ from .errors import ErrorCode, ProtocolError
 from .limits import MAX_CHUNK_BYTES, MAX_HANDSHAKE_FRAME, MIN_CHUNK_BYTES, Limits
 
 PROTOCOL_NAME = "latentlink/tensor"
-SUPPORTED_VERSIONS: tuple[int, ...] = (1,)
+SUPPORTED_VERSIONS: tuple[int, ...] = (2,)  # 1 (checksums in the HEADER) retired pre-release
 SESSION_ID_BYTES = 16
 
 

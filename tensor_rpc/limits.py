@@ -34,7 +34,7 @@ class Limits:
     chunk_bytes: int = 4 * MiB
     handshake_timeout_s: float = 10.0
     idle_timeout_s: float = 300.0
-    ciphers: tuple[str, ...] = ("aegis256", "xchacha20poly1305")
+    ciphers: tuple[str, ...] = ("aegis128l", "aegis256", "xchacha20poly1305")
     residual_gain_max: float = 4.0
     # [limits]
     allowlist: tuple[str, ...] = ()

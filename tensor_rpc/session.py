@@ -59,7 +59,7 @@ from .handshake import (
 )
 from .keys import EphemeralKey, SessionKeys
 from .limits import MAX_HANDSHAKE_FRAME, Limits
-from .message import IncomingMessage, OutgoingMessage, checksums
+from .message import ChunkSink, IncomingMessage, MemorySource, OutgoingMessage, PayloadSource
 from .tensors import byte_view
 
 CHUNK_PREFIX = struct.Struct(">QI")  # message id, chunk index (in-band CHUNK frame body prefix)
@@ -81,6 +81,9 @@ class Role(enum.Enum):
 
 
 BufferFactory = Callable[[int], memoryview]
+#: Decides, per incoming header, whether the message streams into a sink (bounded memory) instead
+#: of one payload-sized buffer; ``None`` = buffer.
+SinkFactory = Callable[[Envelope], "ChunkSink | None"]
 
 
 def _default_buffer(n: int) -> memoryview:
@@ -93,6 +96,7 @@ class Session:
     def __init__(self, role: Role, limits: Limits, signature: ModelSignature, identity: Any,
                  remote_peer_id: Any, *, policy: AccessPolicy | None = None,
                  buffer_factory: BufferFactory = _default_buffer,
+                 sink_factory: SinkFactory | None = None,
                  rng: Callable[[int], bytes] = os.urandom) -> None:
         self.role = role
         self.limits = limits
@@ -105,6 +109,7 @@ class Session:
         self._policy = policy
         self._acquired = False
         self._buffer_factory = buffer_factory
+        self.sink_factory = sink_factory
         self._rng = rng
         self._decoder = FrameDecoder(MAX_HANDSHAKE_FRAME)
         self._out: list[bytes | bytearray] = []
@@ -124,6 +129,7 @@ class Session:
         self._next_mid = 1
         self._last_remote_mid = 0
         self._outbox: deque[OutgoingMessage] = deque()  # inline messages whose chunks are pending
+        self._lane_msgs: list[OutgoingMessage] = []  # lane messages whose DIGEST is not sent yet
         self._unacked: dict[int, OutgoingMessage] = {}
         self._incoming: dict[int, IncomingMessage] = {}
         self._dropped: deque[int] = deque(maxlen=_MAX_DROPPED)
@@ -205,6 +211,7 @@ class Session:
             for msg in list(self._incoming.values()):
                 if now - msg.started_at >= self.limits.transfer_timeout_s:
                     del self._incoming[msg.message_id]
+                    msg.discard()
                     err = ProtocolError(ErrorCode.TIMEOUT, f"message truncated or stalled at "
                                         f"chunk {msg.next_chunk} of {msg.n_chunks}")
                     events.extend(self._reject(msg.message_id, err))
@@ -236,6 +243,9 @@ class Session:
 
     def frames_to_send(self, max_bytes: int | None = None) -> list[bytes | bytearray]:
         """Like :meth:`data_to_send` but without joining (avoids one copy of bulk chunk frames)."""
+        for msg in [m for m in self._lane_msgs if m.digests is not None]:
+            self._lane_msgs.remove(msg)  # a lane sealed its last chunk: the checksums follow
+            self._digest_frame(msg)
         out, self._out = self._out, []
         budget = max_bytes if max_bytes is not None else 1 << 62
         budget -= sum(len(f) for f in out)
@@ -245,6 +255,7 @@ class Session:
                 out.append(self._header_frame(msg))
             if msg.next_chunk >= msg.n_chunks:
                 self._outbox.popleft()
+                out.append(self._digest_frame(msg, queue=False))
                 continue
             _, n = msg.chunk_span(msg.next_chunk)
             window = self.agreement.send_window_bytes if self.agreement else 0
@@ -271,41 +282,45 @@ class Session:
 
     # -- public: sending ----------------------------------------------------------------------
     def send_message(self, *, kind: Kind, layers: tuple[int, int], tokens: tuple[int, int],
-                     tensors: Sequence[TensorSpec], payload: bytes | bytearray | memoryview,
+                     tensors: Sequence[TensorSpec],
+                     payload: bytes | bytearray | memoryview | PayloadSource,
                      now: float, batch_slot: int = 0, apply: ApplyMode = ApplyMode.OVERWRITE,
                      gain: float | None = None, meta: Mapping[str, Any] | None = None,
                      inline: bool = True) -> OutgoingMessage:
-        """Checksum ``payload`` (tensors back to back, in ``tensors`` order) and queue its header.
+        """Queue the header of ``payload`` (tensors back to back, in ``tensors`` order).
 
+        ``payload`` is a buffer or a :class:`PayloadSource` (produced chunk by chunk: bounded
+        memory). Chunks are hashed while sealed; the DIGEST frame follows the last one.
         ``inline=True``: chunks follow on this byte stream as credit allows (libp2p path).
-        ``inline=False``: the header is queued now; the caller seals chunks with
-        ``OutgoingMessage.seal_chunk`` and carries them itself (bulk lane, shm). ``payload`` must not
-        change until the ACK arrives.
+        ``inline=False``: the header is queued now; the caller seals chunks in order with
+        ``OutgoingMessage.seal_chunk`` and carries them itself (bulk lane, shm); the next
+        :meth:`frames_to_send` after the last one carries the DIGEST. ``payload`` must not change
+        until the ACK arrives.
         """
         if self.state not in (State.READY, State.STREAMING):
             raise ProtocolError(ErrorCode.STATE, f"cannot send in state {self.state.value}")
         if not inline and self._outbox:
             raise ProtocolError(ErrorCode.STATE, "inline messages pending; wait before a lane send")
         assert self.agreement is not None and self._sealer is not None
-        view = byte_view(payload)
+        source = payload if hasattr(payload, "chunk") else MemorySource(byte_view(payload))
         bounds = self.agreement.bounds(self.signature.num_layers)
         specs = [TensorSpec(t.name, t.dtype, tuple(t.shape), t.byte_length) for t in tensors]
         validate_specs(specs, bounds)
-        if sum(s.byte_length for s in specs) != len(view):
+        if sum(s.byte_length for s in specs) != source.nbytes:
             raise ProtocolError(ErrorCode.LIMIT, "tensor byte lengths do not add up to the payload")
-        sums = checksums(view, specs, self.limits.hash_threads)
-        specs = [TensorSpec(s.name, s.dtype, s.shape, s.byte_length, d) for s, d in zip(specs, sums, strict=True)]
         env = Envelope(self._session_id, self._next_mid, kind, tuple(layers), tuple(tokens),
                        batch_slot, apply, tuple(specs), gain, dict(meta or {}))
         body = encode_envelope(env)
         decode_envelope(body, bounds)  # same rules the peer applies: fail here, not there
         self._next_mid += 1
-        msg = OutgoingMessage(env, view, self._sealer, self.agreement.chunk_bytes, inline, now)
+        msg = OutgoingMessage(env, source, self._sealer, self.agreement.chunk_bytes, inline, now,
+                              self.limits.hash_threads)
         self._unacked[msg.message_id] = msg
         if inline:
             self._outbox.append(msg)
         else:
             self._out.append(self._header_frame(msg))
+            self._lane_msgs.append(msg)
         self.state = State.STREAMING
         self._last_activity = now
         return msg
@@ -318,7 +333,7 @@ class Session:
         assert self._opener is not None
         self._incoming[message_id] = IncomingMessage(msg.envelope, byte_view(buffer),
                                                      self._opener, msg.chunk_bytes, msg.started_at,
-                                                     self.limits.hash_threads)
+                                                     self.limits.hash_threads, msg.sink)
 
     # -- internals: frames --------------------------------------------------------------------
     def _on_frame(self, ftype: FrameType, body: bytes, now: float) -> list[Event]:
@@ -341,6 +356,8 @@ class Session:
         self._recv_seq += 1
         if ftype is FrameType.HEADER:
             return self._on_header(plain, now)
+        if ftype is FrameType.DIGEST:
+            return self._on_digest(plain)
         if ftype is FrameType.ACK:
             return self._on_ack(plain)
         if ftype is FrameType.REJECT:
@@ -424,15 +441,30 @@ class Session:
                 raise ProtocolError(ErrorCode.LIMIT, "too many payload bytes in flight")
         except ProtocolError as err:
             return self._reject(env.message_id, err)
-        buf = byte_view(self._buffer_factory(env.payload_bytes))[:env.payload_bytes]
+        sink = self.sink_factory(env) if self.sink_factory is not None else None
+        size = min(self.agreement.chunk_bytes, env.payload_bytes) if sink else env.payload_bytes
+        buf = byte_view(self._buffer_factory(size))[:size]
         msg = IncomingMessage(env, buf, self._opener, self.agreement.chunk_bytes, now,
-                              self.limits.hash_threads)
+                              self.limits.hash_threads, sink)
         self._incoming[env.message_id] = msg
         self.state = State.STREAMING
-        events: list[Event] = [MessageStarted(env)]
-        if msg.complete:  # empty payload
-            events.extend(self._finish(msg))
-        return events
+        return [MessageStarted(env)]
+
+    def _on_digest(self, plain: bytes) -> list[Event]:
+        assert self.agreement is not None
+        mid, sums = control.decode_digest(plain, self.agreement.max_tensors_per_message)
+        msg = self._incoming.get(mid)
+        if msg is None:
+            if mid in self._dropped:
+                return []  # the message was rejected already
+            raise ProtocolError(ErrorCode.ORDER, f"DIGEST for unknown message {mid}")
+        try:
+            msg.set_expected(sums)
+        except ProtocolError as err:
+            del self._incoming[mid]
+            msg.discard()
+            return self._reject(mid, err)
+        return self._finish(msg) if msg.ready else []
 
     def _on_chunk(self, mid: int, idx: int, sealed: bytes | bytearray | memoryview,
                   inline: bool) -> list[Event]:
@@ -448,9 +480,10 @@ class Session:
                 msg.open_chunk(idx, sealed)
             except ProtocolError as err:
                 del self._incoming[mid]
+                msg.discard()
                 events.extend(self._reject(mid, err))
             else:
-                if msg.complete:
+                if msg.ready:
                     events.extend(self._finish(msg))
         if inline:
             self._grant_credit(force=not self._incoming)
@@ -461,10 +494,13 @@ class Session:
         try:
             sums, views = msg.verify()
         except ProtocolError as err:
+            msg.discard()
             return self._reject(msg.message_id, err)
-        ack = control.Ack(msg.message_id, len(msg.buffer), tuple(sums))
+        ack = control.Ack(msg.message_id, msg.nbytes, tuple(sums))
         self._send_control(FrameType.ACK, control.encode_ack(ack))
         self._settle_state()
+        if msg.sink is not None:
+            return [MessageReceived(msg.envelope, memoryview(b""), [], msg.sink)]
         return [MessageReceived(msg.envelope, msg.buffer, views)]
 
     def _on_ack(self, plain: bytes) -> list[Event]:
@@ -474,7 +510,7 @@ class Session:
         if msg is None:
             raise ProtocolError(ErrorCode.REPLAY, f"ack for unknown message {ack.message_id}")
         self._settle_state()
-        sent = tuple(t.blake3 for t in msg.envelope.tensors)
+        sent = msg.digests
         if ack.checksums != sent or ack.payload_bytes != msg.envelope.payload_bytes:
             err = ProtocolError(ErrorCode.CHECKSUM, "acknowledged checksums differ from sent")
             return [MessageRejected(ack.message_id, err, True)]
@@ -484,6 +520,14 @@ class Session:
     def _make_hello(self) -> Hello:
         return Hello.from_limits(self.limits, self._session_id, self.role.value, self.signature,
                                  bytes(self._eph.public))
+
+    def _digest_frame(self, msg: OutgoingMessage, queue: bool = True) -> bytes:
+        assert msg.digests is not None and not msg.digest_sent
+        msg.digest_sent = True
+        frame = self._seal_frame(FrameType.DIGEST, control.encode_digest(msg.message_id, msg.digests))
+        if queue:
+            self._out.append(frame)
+        return frame
 
     def _header_frame(self, msg: OutgoingMessage) -> bytes:
         msg.header_sent = True
@@ -509,6 +553,8 @@ class Session:
         msg = self._unacked.pop(mid, None)
         if msg is not None and msg in self._outbox:
             self._outbox.remove(msg)
+        if msg is not None and msg in self._lane_msgs:
+            self._lane_msgs.remove(msg)
 
     def _reject(self, mid: int, err: ProtocolError) -> list[Event]:
         err.__traceback__ = None
@@ -541,6 +587,9 @@ class Session:
     def _terminate(self, state: State) -> None:
         self.state = state
         self._outbox.clear()
+        self._lane_msgs.clear()
+        for msg in self._incoming.values():
+            msg.discard()
         self._incoming.clear()
         self._unacked.clear()
         self._eph.wipe()

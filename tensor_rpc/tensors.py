@@ -1,7 +1,8 @@
-"""Pack buffer-protocol tensors (numpy arrays, torch ``.numpy()`` views, bytes) back to back.
+"""Lay buffer-protocol tensors (numpy arrays, torch ``.numpy()`` views, bytes) back to back.
 
-The session wants one contiguous payload; callers that already keep one aligned buffer per
-transfer (DESIGN.md §10) skip this and pass specs + buffer directly. No torch import here.
+A payload is the tensors' bytes in list order. :func:`tensor_source` describes them without
+copying (the sender seals straight from each tensor's memory); :func:`pack_tensors` makes one
+contiguous copy for callers that want it. No torch import here.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from typing import Any
 
 from .envelope import DTYPES, TensorSpec
 from .errors import ErrorCode, ProtocolError
+from .message import GatherSource, MemorySource, PayloadSource
 
 
 def byte_view(buf: Any) -> memoryview:
@@ -23,12 +25,7 @@ def byte_view(buf: Any) -> memoryview:
     return mv if mv.format == "B" and mv.ndim == 1 else mv.cast("B")
 
 
-def pack_tensors(items: Sequence[tuple[str, str, Sequence[int], Any]],
-                 into: bytearray | memoryview | None = None) -> tuple[list[TensorSpec], memoryview]:
-    """``[(name, dtype, shape, buffer)]`` -> (specs without checksums, payload view).
-
-    ``into`` is reused when large enough (avoids page faults on fresh memory for every transfer).
-    """
+def _specs(items: Sequence[tuple[str, str, Sequence[int], Any]]) -> tuple[list[TensorSpec], list[memoryview]]:
     specs, views = [], []
     for name, dtype, shape, buf in items:
         if dtype not in DTYPES:
@@ -41,6 +38,22 @@ def pack_tensors(items: Sequence[tuple[str, str, Sequence[int], Any]],
             raise ProtocolError(ErrorCode.CHECKSUM, f"{name}: shape x itemsize != buffer length")
         specs.append(TensorSpec(name, dtype, tuple(int(s) for s in shape), len(view)))
         views.append(view)
+    return specs, views
+
+
+def tensor_source(items: Sequence[tuple[str, str, Sequence[int], Any]]) -> tuple[list[TensorSpec], PayloadSource]:
+    """``[(name, dtype, shape, buffer)]`` -> (specs, a payload source over the buffers, no copy)."""
+    specs, views = _specs(items)
+    return specs, (MemorySource(views[0]) if len(views) == 1 else GatherSource(views))
+
+
+def pack_tensors(items: Sequence[tuple[str, str, Sequence[int], Any]],
+                 into: bytearray | memoryview | None = None) -> tuple[list[TensorSpec], memoryview]:
+    """``[(name, dtype, shape, buffer)]`` -> (specs without checksums, payload view).
+
+    ``into`` is reused when large enough (avoids page faults on fresh memory for every transfer).
+    """
+    specs, views = _specs(items)
     total = sum(len(v) for v in views)
     out = byte_view(into) if into is not None and len(into) >= total \
         else memoryview(bytearray(total))

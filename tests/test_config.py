@@ -67,3 +67,9 @@ def test_invalid_config_file_exits_2_naming_key(tmp_path, toml, key):
 def test_example_config_is_valid():
     cfg = load_config(ROOT / "configs" / "node.toml", env={})
     assert cfg.control.host == "127.0.0.1"
+
+
+def test_cipher_names_match_the_protocol():
+    from meshnode.config import CIPHER_NAMES
+    from tensor_rpc import CIPHERS
+    assert set(CIPHER_NAMES) == set(CIPHERS)

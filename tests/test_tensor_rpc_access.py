@@ -148,12 +148,12 @@ def _hello_patch(**changes):
 
 
 def test_version_negotiation():
-    p = make_pair(LIM, LIM, mutate=_hello_patch(versions=[2, 3]))
+    p = make_pair(LIM, LIM, mutate=_hello_patch(versions=[1, 3]))  # 1 is retired
     assert _closed_error(p.events_b) is ErrorCode.VERSION
     assert _closed_error(p.events_a) is ErrorCode.VERSION
-    # a newer peer that also speaks 1 gets 1 (then fails AUTH here only because we altered its hello)
-    p = make_pair(LIM, LIM, mutate=_hello_patch(versions=[1, 7]))
-    assert p.b.agreement is not None and p.b.agreement.version == 1
+    # a newer peer that also speaks 2 gets 2 (then fails AUTH here only because we altered its hello)
+    p = make_pair(LIM, LIM, mutate=_hello_patch(versions=[2, 7]))
+    assert p.b.agreement is not None and p.b.agreement.version == 2
 
 
 def test_hello_limits_are_bounded():

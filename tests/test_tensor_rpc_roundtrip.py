@@ -94,7 +94,7 @@ def test_session_round_trip(pair, kind, apply, tensors, meta, slot, gain, inline
        tensors=st.lists(tensor, max_size=6), meta=meta, mid=st.integers(1, 2**63 - 1),
        layers=st.tuples(st.integers(0, 4), st.integers(0, 4)).map(sorted).map(tuple))
 def test_envelope_round_trip(kind, apply, tensors, meta, mid, layers):
-    specs = tuple(TensorSpec(f"x{i}", d, s, int(np.prod(s)) * DTYPES[d], bytes(32))
+    specs = tuple(TensorSpec(f"x{i}", d, s, int(np.prod(s)) * DTYPES[d])
                   for i, (d, s, _) in enumerate(tensors))
     env = Envelope(b"s" * 16, mid, kind, layers, (0, 5), 1, apply, specs,
                    1.5 if apply is ApplyMode.ADDITIVE else None, meta)
@@ -107,7 +107,7 @@ def test_every_dtype_and_kind_negotiated():
     ag = p.events_a[0].agreement
     assert ag.dtypes == frozenset(DTYPES) and "bfloat16" in ag.dtypes
     assert ag.kinds == frozenset(k.value for k in Kind)
-    assert ag.cipher == "aegis256" and ag.version == 1
+    assert ag.cipher == "aegis128l" and ag.version == 2
 
 
 def test_cipher_fallback_xchacha_and_min_limits():

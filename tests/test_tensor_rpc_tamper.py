@@ -120,7 +120,9 @@ def _oob(p, now=1.0):
     msg = p.a.send_message(kind=Kind.HIDDEN_SLICE, layers=(1, 2), tokens=(0, 7), tensors=SPECS,
                            payload=PAYLOAD, now=now, inline=False)
     p.events_b += p.b.receive_data(p.a.data_to_send(), now)
-    return msg, [bytes(msg.seal_chunk(i)) for i in range(msg.n_chunks)]
+    chunks = [bytes(msg.seal_chunk(i)) for i in range(msg.n_chunks)]
+    p.events_b += p.b.receive_data(p.a.data_to_send(), now)  # the DIGEST may beat the lane's chunks
+    return msg, chunks
 
 
 def _rejected(p, code=None):

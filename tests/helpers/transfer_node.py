@@ -5,7 +5,11 @@ line out is ``{"event": "ready", "addr", "peer_id", "bulk_port", "pid"}``. Incom
 accepted automatically; every verified message prints ``{"event": "received", ...}`` (with an
 independent BLAKE3 of the whole buffer when the sender asked for ``check``).
 
-Commands: ``connect {addr}``, ``open {peer}``, ``send {size, path?, check?}``, ``stats``, ``quit``.
+Commands: ``connect {addr}``, ``open {peer}``, ``send {size, path?, check?, source?, stall_at?}``,
+``sink {on}`` (stream incoming messages into a hashing sink: bounded memory), ``reset_peak``
+(restart VmHWM, the peak RSS), ``stats``, ``quit``. ``send`` with ``source`` produces the payload
+chunk by chunk (never held whole); ``stall_at`` (a fraction) makes that source print a ``midway``
+event and hang there, so a test can kill the sender mid-transfer deterministically.
 Run: ``python tests/helpers/transfer_node.py --data-dir DIR [--set section.key=value ...]``.
 """
 
@@ -29,7 +33,7 @@ import trio  # noqa: E402
 from meshnode.config import load_config  # noqa: E402
 from meshnode.logs import setup_logging  # noqa: E402
 from meshnode.node import Node  # noqa: E402
-from tensor_rpc import Kind  # noqa: E402
+from tensor_rpc import Kind, TensorSpec  # noqa: E402
 from tests.helpers.sigs import fake_signature  # noqa: E402
 
 _payloads: dict[int, np.ndarray] = {}
@@ -49,6 +53,48 @@ def payload(size: int) -> np.ndarray:
         words ^= words >> np.uint64(29)
         _payloads[size] = words.view(np.uint8)[:size]
     return _payloads[size]
+
+
+class CyclicSource:
+    """A payload of any size, produced on demand: a 64 MiB + 4 KiB block repeated (chunks inside
+    one repetition are views of it; ones that straddle are copied into the sealer's scratch)."""
+
+    PERIOD = 64 * 1024 * 1024 + 4096
+
+    def __init__(self, size: int, stall_at: float | None = None) -> None:
+        self.nbytes = size
+        self.block = payload(self.PERIOD)
+        self.stall = None if stall_at is None else int(size * stall_at)
+
+    def chunk(self, offset: int, n: int, scratch: memoryview) -> memoryview:
+        if self.stall is not None and offset >= self.stall:
+            out({"event": "midway", "offset": offset})
+            time.sleep(3600)
+        rel = offset % self.PERIOD
+        if rel + n <= self.PERIOD:
+            return memoryview(self.block)[rel:rel + n]
+        done = 0
+        while done < n:
+            take = min(self.PERIOD - rel, n - done)
+            scratch[done:done + take] = memoryview(self.block)[rel:rel + take]
+            done, rel = done + take, 0
+        return scratch[:n]
+
+
+class HashSink:
+    """Receives a streamed message chunk by chunk: counts and hashes it, keeps nothing."""
+
+    def __init__(self) -> None:
+        self.hasher, self.nbytes, self.next, self.aborted = blake3.blake3(), 0, 0, False
+
+    def write(self, offset: int, data: memoryview) -> None:
+        assert offset == self.next, (offset, self.next)
+        self.hasher.update(data)
+        self.nbytes += len(data)
+        self.next += len(data)
+
+    def abort(self) -> None:
+        self.aborted = True
 
 
 def rss() -> dict:
@@ -81,6 +127,11 @@ async def main(args: argparse.Namespace) -> None:
     node.serve(fake_signature(0))
     stats = {"received": 0, "bytes": 0}
     sessions: dict[str, object] = {}
+    sink: list = [None]  # sink factory applied to every session
+
+    def attach(ts) -> None:
+        sessions[str(ts.peer_id)] = ts
+        ts.sink_factory = sink[0]
 
     async def receiver(ts) -> None:
         while True:
@@ -89,10 +140,13 @@ async def main(args: argparse.Namespace) -> None:
             except Exception:
                 return
             stats["received"] += 1
-            stats["bytes"] += len(rec.buffer)
-            ev = {"event": "received", "mid": rec.header.message_id, "nbytes": len(rec.buffer),
-                  "path": rec.path, "elapsed_s": rec.elapsed_s}
-            if rec.header.meta.get("check"):
+            nbytes = rec.sink.nbytes if rec.sink is not None else len(rec.buffer)
+            stats["bytes"] += nbytes
+            ev = {"event": "received", "mid": rec.header.message_id, "nbytes": nbytes,
+                  "path": rec.path, "elapsed_s": rec.elapsed_s, "sink": rec.sink is not None}
+            if rec.sink is not None:
+                ev["blake3"] = rec.sink.hasher.hexdigest()
+            elif rec.header.meta.get("check"):
                 ev["blake3"] = blake3.blake3(rec.buffer).hexdigest()
             del rec
             out(ev)
@@ -100,7 +154,7 @@ async def main(args: argparse.Namespace) -> None:
     async def acceptor(nursery) -> None:
         while True:
             ts = await node.accept_session()
-            sessions[str(ts.peer_id)] = ts
+            attach(ts)
             nursery.start_soon(receiver, ts)
 
     async with trio.open_nursery() as nursery:
@@ -121,27 +175,46 @@ async def main(args: argparse.Namespace) -> None:
                     out({"ok": True})
                 elif op == "open":
                     ts = await node.open_session(cmd["peer"])
-                    sessions[cmd["peer"]] = ts
+                    attach(ts)
                     nursery.start_soon(receiver, ts)
                     out({"ok": True, "session": ts.session_id})
                 elif op == "send":
                     ts = sessions[cmd["peer"]] if "peer" in cmd else next(iter(sessions.values()))
-                    data = payload(int(cmd["size"]))
-                    digest = blake3.blake3(data).hexdigest() if cmd.get("check") else None
+                    size = int(cmd["size"])
+                    if cmd.get("source"):
+                        data = None
+                        src = CyclicSource(size, cmd.get("stall_at"))
+                        digest = None  # the protocol's own digest of the source, reported below
+                    else:
+                        data = payload(size)
+                        digest = blake3.blake3(data).hexdigest() if cmd.get("check") else None
                     if cmd.get("announce"):
                         out({"event": "sending"})
                     if cmd.get("break_after_s") is not None:  # test hook: kill the lane mid-transfer
                         nursery.start_soon(break_lane, ts, cmd.get("path"), float(cmd["break_after_s"]))
                     t0 = time.perf_counter()
-                    sent = await ts.send([("payload", "uint8", [len(data)], data)], kind=Kind.KV_CACHE,
-                                         layers=(0, 1), tokens=(0, 1), meta={"check": bool(cmd.get("check"))},
-                                         path=cmd.get("path"))
+                    common = {"kind": Kind.KV_CACHE, "layers": (0, 1), "tokens": (0, 1),
+                              "meta": {"check": bool(cmd.get("check"))}, "path": cmd.get("path")}
+                    if data is None:
+                        sent = await ts.send_from([TensorSpec("payload", "uint8", (size,), size)],
+                                                  src, **common)
+                        digest = sent.checksums[0].hex()
+                    else:
+                        sent = await ts.send([("payload", "uint8", [size], data)], **common)
                     dt = time.perf_counter() - t0
                     node.record_sent(ts, sent, "KV_CACHE", (0, 1), (0, 1))
                     out({"ok": True, "path": sent.path, "mid": sent.message_id, "nbytes": sent.nbytes,
                          "elapsed_s": dt, "blake3": digest})
                 elif op == "sessions":
                     out({"ok": True, "sessions": {p: s.session_id for p, s in sessions.items()}})
+                elif op == "sink":
+                    sink[0] = (lambda env: HashSink()) if cmd.get("on", True) else None
+                    for ts in sessions.values():
+                        ts.sink_factory = sink[0]
+                    out({"ok": True})
+                elif op == "reset_peak":
+                    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+                    out({"ok": True, **rss()})
                 elif op == "stats":
                     t = os.times()
                     out({"ok": True, **stats, **rss(), "cpu_s": t.user + t.system})
