@@ -210,6 +210,8 @@ async def _read_msg(stream: Any) -> dict:
 
 async def _write_msg(stream: Any, obj: dict) -> None:
     body = msgpack.packb(obj, use_bin_type=True)
+    if len(body) > _CTL_MAX:  # the peer would drop the stream: fail here, naming the cause
+        raise ValueError(f"lane-control message of {len(body)} bytes exceeds {_CTL_MAX}")
     await stream.write(_LEN.pack(len(body)) + body)
 
 
@@ -248,7 +250,7 @@ class TensorSession:
         self._bufs: dict[int, memoryview] = {}  # incoming mid -> its buffer incl. tag slack
         # sender-side lanes
         self._tx_lanes: dict[str, LaneSender] = {}
-        self._tx_failed: set[str] = set()
+        self._tx_failed: dict[str, float] = {}  # path -> when it failed (retried after lane_retry_s)
         self._ctl: Any = None
         self._ctl_lock = trio.Lock()
 
@@ -506,8 +508,11 @@ class TensorSession:
 
     async def _sender_lane(self, path: str) -> LaneSender | None:
         lane = self._tx_lanes.get(path)
-        if lane is not None or path in self._tx_failed or self._service is None:
+        failed = self._tx_failed.get(path)
+        if lane is not None or self._service is None:
             return lane
+        if failed is not None and time.monotonic() - failed < self._settings.lane_retry_s:
+            return None
         s = self._settings
         try:
             with trio.fail_after(s.lane_connect_timeout_s * 2):
@@ -530,7 +535,7 @@ class TensorSession:
                     lane = await trio.to_thread.run_sync(_connect_shm, str(name), sid, key,
                                                          max_sealed, s)
         except Exception as exc:
-            self._tx_failed.add(path)
+            self._tx_failed[path] = time.monotonic()
             log.info("data lane unavailable; trying the next path",
                      extra=kv(peer=self.peer_id, path=path, err=exc))
             return None
@@ -549,7 +554,7 @@ class TensorSession:
         lane = self._tx_lanes.pop(path, None)
         if lane is not None:
             lane.close()
-        self._tx_failed.add(path)
+        self._tx_failed[path] = time.monotonic()
 
     # -- public API ------------------------------------------------------------------------------
     async def wait_ready(self, timeout_s: float) -> None:
@@ -733,6 +738,7 @@ class TensorService:
         self._nursery: trio.Nursery | None = None
         self._accepted_send, self._accepted_recv = trio.open_memory_channel[TensorSession](64)
         self.bulk_port: int | None = None
+        self._bulk_family = socket.AF_INET
         self.shm_name: str | None = None
         self._buffers = BufferPool(self.transport.recv_pool_bytes)
 
@@ -768,9 +774,10 @@ class TensorService:
         await lsock.bind((t.bulk_listen_host, t.bulk_port))
         lsock.listen(64)
         self.bulk_port = lsock.getsockname()[1]
+        self._bulk_family = family
         log.info("bulk lane listening", extra=kv(host=t.bulk_listen_host, port=self.bulk_port))
         task_status.started()
-        await self._accept_loop(lsock)
+        await self._accept_loop(lsock, KIND_BULK)
 
     async def _serve_shm(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
         name = f"latentlink-lane-{secrets.token_hex(16)}"
@@ -779,22 +786,24 @@ class TensorService:
         lsock.listen(64)
         self.shm_name = name
         task_status.started()
-        await self._accept_loop(lsock)
+        await self._accept_loop(lsock, KIND_SHM)
 
-    async def _accept_loop(self, lsock: Any) -> None:
+    async def _accept_loop(self, lsock: Any, kind: int) -> None:
         with lsock:
             while True:
                 tsock, addr = await lsock.accept()
                 assert self._nursery is not None
-                self._nursery.start_soon(self._lane_conn, tsock, addr)
+                self._nursery.start_soon(self._lane_conn, tsock, addr, kind)
 
-    async def _lane_conn(self, tsock: Any, addr: Any) -> None:
+    async def _lane_conn(self, tsock: Any, addr: Any, listener_kind: int) -> None:
         sock = socket.socket(fileno=tsock.detach())
         sock.setblocking(True)
         sock.settimeout(self.transport.lane_connect_timeout_s)
         remote = addr if addr else "unix"
         try:
             kind, sid, nc = await trio.to_thread.run_sync(read_hello, sock, limiter=HANDSHAKE_THREADS)
+            if kind != listener_kind:  # e.g. an shm hello over TCP: the socket decides, not the peer
+                raise LaneAuthError(f"lane kind {kind} announced on the kind-{listener_kind} listener")
             ts = self.sessions.get(sid.hex())
             if ts is None or ts.closed or ts.agreement is None:
                 raise LaneAuthError("unknown session id")
@@ -855,11 +864,14 @@ class TensorService:
         hosts = []
         if self.transport.bulk_listen_host not in ("0.0.0.0", "::"):
             hosts.append(self.transport.bulk_listen_host)
+        # an IPv6 listener (bound to '::' or an IPv6 host) is offered on IPv6 addresses too
+        protos = ("ip4", "ip6") if self._bulk_family == socket.AF_INET6 else ("ip4",)
         for a in self.host.get_addrs():
-            try:
-                hosts.append(a.value_for_protocol("ip4"))
-            except Exception:
-                pass
+            for proto in protos:
+                try:
+                    hosts.append(a.value_for_protocol(proto))
+                except Exception:
+                    pass
         return {"bulk_port": self.bulk_port, "bulk_hosts": hosts[:8],
                 "shm": self.shm_name if self.transport.shm_enabled else None}
 

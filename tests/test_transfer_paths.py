@@ -130,7 +130,7 @@ def test_path_moves_1gib(pair, path):
     assert r["path"] == path
 
 
-@pytest.mark.parametrize("path,size,delay,fallback", [("shm", 256 * MiB, 0.02, "bulk"),
+@pytest.mark.parametrize("path,size,delay,fallback", [("shm", 1 * GiB, 0.05, "bulk"),
                                                       ("bulk", 16 * MiB, 0.0, "stream")])
 def test_lane_failure_falls_back_without_double_delivery(pair, path, size, delay, fallback):
     a, b, _ = pair
@@ -147,6 +147,22 @@ def test_lane_failure_falls_back_without_double_delivery(pair, path, size, delay
     assert b.cmd(op="stats")["received"] == before + 1  # delivered exactly once
     assert b.events.empty()
     assert "falling back" in a.stderr()
+
+
+def test_failed_lane_is_retried_after_lane_retry_s(pair):
+    _, b, tmp = pair
+    s = Peer(tmp, "retry", "transport.lane_retry_s=1.5")
+    try:
+        link(s, b)
+        transfer(s, b, 1 * KiB, "shm")  # lane up
+        r = s.cmd(op="send", size=1 * GiB, path="shm", check=True, break_after_s=0.05, timeout=120)
+        assert s.event("lane_broken", 5)["path"] == "shm"
+        assert b.event("received", 60)["blake3"] == r["blake3"] and r["path"] == "bulk"
+        assert transfer(s, b, 1 * KiB, "shm")["path"] == "bulk"  # still inside the retry window
+        time.sleep(1.6)
+        assert transfer(s, b, 1 * KiB, "shm")["path"] == "shm"  # a fresh lane
+    finally:
+        s.stop()
 
 
 @pytest.mark.parametrize("setting,expect", [("transport.path=bulk", "bulk"),
@@ -217,8 +233,13 @@ def test_bulk_lane_drops_connection_without_session_key(pair):
         assert len(c.recv(64, socket.MSG_WAITALL)) == 64
         c.sendall(secrets.token_bytes(32) + b"\x00" * 1024)
         assert_dropped(c)
+    # 3) a real session id announcing the shm kind on the TCP listener: the listener decides
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as c:
+        c.sendall(HELLO.pack(MAGIC, 2, sid, secrets.token_bytes(32)))
+        assert_dropped(c)
     time.sleep(0.3)
-    assert b.stderr().count("data lane connection dropped") >= 2
+    assert b.stderr().count("data lane connection dropped") >= 3
+    assert "announced on the kind-1 listener" in b.stderr()
     assert "connector failed to prove the session key" in b.stderr()
     transfer(a, b, 1 * MiB, "bulk")  # the real lane is unaffected
 
