@@ -301,21 +301,32 @@ class TensorSession:
             await self.flush()
 
     async def flush(self) -> None:
-        frames = self.session.frames_to_send()
-        if not frames:
-            return
+        """Write what the session has to send. Frames are taken under the write lock (sealed
+        control frames carry sequence numbers: they must go out in the order they were made) and
+        at most about one chunk at a time, so each CHUNK frame is written and handed back for
+        reuse before the next one is sealed: bounded memory, no fresh multi-MiB buffer per chunk."""
+        budget = self._chunk_budget()
         async with self._write_lock:
-            small: list[bytes | bytearray] = []
-            for f in frames:  # coalesce control frames; big CHUNK frames go out as they are
-                if len(f) < 64 * 1024:
-                    small.append(f)
-                    continue
+            while True:
+                frames = self.session.frames_to_send(budget)
+                if not frames:
+                    return
+                small: list[bytes | bytearray] = []
+                for f in frames:  # coalesce control frames; big CHUNK frames go out as they are
+                    if len(f) < 64 * 1024:
+                        small.append(f)
+                        continue
+                    if small:
+                        await self.stream.write(b"".join(small))
+                        small = []
+                    await self.stream.write(f)  # py-libp2p copies what it sends before returning
+                    self.session.release_frame(f)
                 if small:
                     await self.stream.write(b"".join(small))
-                    small = []
-                await self.stream.write(f)
-            if small:
-                await self.stream.write(b"".join(small))
+
+    def _chunk_budget(self) -> int:
+        ag = self.session.agreement
+        return (ag.chunk_bytes if ag is not None else 0) + 64 * 1024
 
     def _handle(self, events: list) -> None:
         now = time.monotonic()

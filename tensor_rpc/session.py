@@ -130,6 +130,7 @@ class Session:
         self._last_remote_mid = 0
         self._outbox: deque[OutgoingMessage] = deque()  # inline messages whose chunks are pending
         self._lane_msgs: list[OutgoingMessage] = []  # lane messages whose DIGEST is not sent yet
+        self._spare_frames: list[bytearray] = []  # written CHUNK frames handed back for reuse
         self._unacked: dict[int, OutgoingMessage] = {}
         self._incoming: dict[int, IncomingMessage] = {}
         self._dropped: deque[int] = deque(maxlen=_MAX_DROPPED)
@@ -261,7 +262,7 @@ class Session:
             window = self.agreement.send_window_bytes if self.agreement else 0
             if self._credit < min(n, window):
                 break
-            frame = bytearray(HEADER_BYTES + CHUNK_PREFIX.size + n + msg.tag_bytes)
+            frame = self._chunk_frame(HEADER_BYTES + CHUNK_PREFIX.size + n + msg.tag_bytes)
             HEADER.pack_into(frame, 0, int(FrameType.CHUNK), len(frame) - HEADER_BYTES)
             CHUNK_PREFIX.pack_into(frame, HEADER_BYTES, msg.message_id, msg.next_chunk)
             msg.seal_chunk(msg.next_chunk, memoryview(frame)[HEADER_BYTES + CHUNK_PREFIX.size:])
@@ -270,6 +271,18 @@ class Session:
             budget -= len(frame)
             out.append(frame)
         return out
+
+    def release_frame(self, frame: bytes | bytearray) -> None:
+        """The owner wrote a CHUNK frame from :meth:`frames_to_send` and no longer references it:
+        the next chunk is sealed into it (a fresh multi-MiB buffer costs a page fault per 4 KiB)."""
+        if isinstance(frame, bytearray) and len(self._spare_frames) < 2:
+            self._spare_frames.append(frame)
+
+    def _chunk_frame(self, size: int) -> bytearray:
+        for i, f in enumerate(self._spare_frames):
+            if len(f) == size:
+                return self._spare_frames.pop(i)
+        return bytearray(size)
 
     @property
     def pending_input_bytes(self) -> int:
