@@ -1,13 +1,20 @@
 #!/usr/bin/env python3
 """Tensor transfer throughput between two separate node processes, per data path, with ceilings.
 
-Each path (shm, bulk, stream) moves payloads end to end — sender BLAKE3, AEAD seal, transport,
-receiver decrypt into the message buffer, BLAKE3 verify, ACK back over libp2p — between two
-``tests/helpers/transfer_node.py`` processes. Ceilings measured in the same run: ``memcpy`` (4 MiB
-chunks into a prefaulted buffer), raw Python TCP loopback (4 MiB ``sendall`` / ``recv_into``,
-two processes) and a bare two-copy shm ring (64 MiB ring, 4 MiB chunks, socket notifications,
-two processes). MB/s = 10^6 bytes per second; the best of ``--repeat`` runs is reported (the box
-is shared: medians are in the JSON too).
+Each path (shm, bulk, stream) moves payloads end to end — sender BLAKE3 + AEAD seal per chunk,
+transport, receiver decrypt into the message buffer + BLAKE3, DIGEST compared, ACK back over
+libp2p — between two ``tests/helpers/transfer_node.py`` processes. Ceilings measured in the same
+run: ``memcpy`` (4 MiB chunks into a prefaulted buffer), raw Python TCP loopback (4 MiB
+``sendall`` / ``recv_into``, two processes) and a bare two-copy shm ring (64 MiB ring, 4 MiB chunks,
+socket notifications, two processes). MB/s = 10^6 bytes per second; the best of ``--repeat`` runs
+is reported (the box is shared: medians are in the JSON too).
+
+Where the time goes: the run also measures the CPU cost per GiB of the work every verified,
+encrypted transfer must do (BLAKE3 on each side, AEAD seal and open, with the negotiated cipher)
+and the CPU the bare transports burn (both processes, while moving bytes). That work spread over
+the machine's CPUs is the *verified budget*: the best any implementation of the protocol could
+reach here (for shm the seal into the ring and the open out of it are the ring's two copies; for
+bulk the kernel's TCP copies come on top). Each path is reported against it.
 
     python scripts/bench_transfer.py --sizes 16M,64M,256M,1G --json out.json --md out.md --png out.png
 """
@@ -61,31 +68,81 @@ import socket, sys
 size, chunk = int(sys.argv[1]), int(sys.argv[2])
 ls = socket.socket(); ls.bind(("127.0.0.1", 0)); ls.listen(1)
 print(ls.getsockname()[1], flush=True)
+import time
 c, _ = ls.accept()
 buf = memoryview(bytearray(chunk)); got = 0
+cpu = time.process_time()
 while got < size:
     n = c.recv_into(buf); got += n
     if not n: break
 c.sendall(b"k")
+print(time.process_time() - cpu, flush=True)
 """
 
 
-def bench_raw_tcp(size: int) -> float:
+def bench_crypto(cipher: str = "aegis128l") -> dict:
+    """CPU s/GiB of the mandatory per-byte work: BLAKE3 (one thread, 4 MiB updates) and the AEAD
+    seal/open in place, as the lanes run them."""
+    import mmap
+
+    import blake3
+    from nacl._sodium import ffi
+
+    from tensor_rpc.aead import CIPHERS
+    suite = CIPHERS[cipher]
+    count, stride = 64, CHUNK + 64  # 256 MiB of 4 MiB chunks, each with room for its tag
+    buf = mmap.mmap(-1, count * stride, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE)
+    mv = memoryview(buf)
+    key, nonce, out_len = ffi.new("unsigned char[32]"), bytes(suite.nonce_bytes), ffi.new("unsigned long long *")
+
+    def hash_all() -> None:
+        h = blake3.blake3()
+        for i in range(count):
+            h.update(mv[i * stride:i * stride + CHUNK])
+
+    def seal_all() -> None:
+        for i in range(count):
+            with ffi.from_buffer(mv[i * stride:(i + 1) * stride], require_writable=True) as p:
+                suite.encrypt(p, out_len, p, CHUNK, b"", 0, ffi.NULL, nonce, key)
+
+    def open_all() -> None:  # decrypt, then re-seal in place (so the next round opens valid data)
+        for i in range(count):
+            with ffi.from_buffer(mv[i * stride:(i + 1) * stride], require_writable=True) as p:
+                if suite.decrypt(p, out_len, ffi.NULL, p, CHUNK + suite.tag_bytes, b"", 0, nonce, key):
+                    raise RuntimeError("open failed")
+                suite.encrypt(p, out_len, p, CHUNK, b"", 0, ffi.NULL, nonce, key)
+
+    def cost(fn) -> float:
+        best = 1e9
+        for _ in range(3):
+            t = time.process_time()
+            fn()
+            best = min(best, time.process_time() - t)
+        return best * (1 << 30) / (count * CHUNK)
+
+    seal = cost(seal_all)
+    return {"cipher": cipher, "blake3_s_per_GiB": cost(hash_all), "seal_s_per_GiB": seal,
+            "open_s_per_GiB": max(cost(open_all) - seal, 0.0)}
+
+
+def bench_raw_tcp(size: int) -> tuple[float, float]:
+    """(MB/s, CPU s/GiB of both processes while moving the bytes)."""
     p = subprocess.Popen([sys.executable, "-c", _TCP_CHILD, str(size), str(CHUNK)], stdout=subprocess.PIPE)
     port = int(p.stdout.readline())
     s = socket.create_connection(("127.0.0.1", port))
     s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     data = memoryview(bytearray(b"\x01" * CHUNK))
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), time.process_time()
     sent = 0
     while sent < size:
         s.sendall(data[:min(CHUNK, size - sent)])
         sent += min(CHUNK, size - sent)
     s.recv(1)
-    dt = time.perf_counter() - t
+    dt, cpu = time.perf_counter() - t, time.process_time() - cpu
     s.close()
+    cpu += float(p.stdout.readline())
     p.wait()
-    return size / dt / 1e6
+    return size / dt / 1e6, cpu * (1 << 30) / size
 
 
 _RING_CHILD = r"""
@@ -96,17 +153,21 @@ ringv = memoryview(m)
 m.madvise(22)  # MADV_POPULATE_READ: map the ring before timing, as the lane does
 dst = memoryview(mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE))
 s = socket.socket(socket.AF_UNIX); s.connect("\0" + name)
-got = 0
+import time
+got, cpu = 0, None
 while got < size:
     off, n = struct.unpack(">QQ", s.recv(16, socket.MSG_WAITALL))
+    cpu = time.process_time() if cpu is None else cpu
     dst[got:got + n] = ringv[off:off + n]
     got += n
     s.sendall(b"f")
+print(time.process_time() - cpu, flush=True)
 """
 
 
-def bench_shm_ring(size: int, ring: int = 64 << 20) -> float:
-    """Bare two-copy ring: writer copies into the ring, reader copies out; socket notifications."""
+def bench_shm_ring(size: int, ring: int = 64 << 20) -> tuple[float, float]:
+    """Bare two-copy ring: writer copies into the ring, reader copies out; socket notifications.
+    (MB/s, CPU s/GiB of both processes while moving the bytes)."""
     import mmap
     name = f"ll-bench-{os.getpid()}"
     fd = os.open(f"/dev/shm/{name}", os.O_CREAT | os.O_RDWR, 0o600)
@@ -117,13 +178,14 @@ def bench_shm_ring(size: int, ring: int = 64 << 20) -> float:
     ls = socket.socket(socket.AF_UNIX)
     ls.bind("\0" + name)
     ls.listen(1)
-    p = subprocess.Popen([sys.executable, "-c", _RING_CHILD, name, str(size), str(CHUNK), str(ring)])
+    p = subprocess.Popen([sys.executable, "-c", _RING_CHILD, name, str(size), str(CHUNK), str(ring)],
+                         stdout=subprocess.PIPE)
     c, _ = ls.accept()
     os.unlink(f"/dev/shm/{name}")
     src = memoryview(mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE))
     ringv = memoryview(m)
     slots, inflight = ring // CHUNK, 0
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), time.process_time()
     sent = 0
     i = 0
     while sent < size:
@@ -140,13 +202,14 @@ def bench_shm_ring(size: int, ring: int = 64 << 20) -> float:
     while inflight:
         c.recv(1)
         inflight -= 1
-    dt = time.perf_counter() - t
+    dt, cpu = time.perf_counter() - t, time.process_time() - cpu
+    cpu += float(p.stdout.readline())
     p.wait()
     ringv.release()
     m.close()
     c.close()
     ls.close()
-    return size / dt / 1e6
+    return size / dt / 1e6, cpu * (1 << 30) / size
 
 
 # -- node processes -------------------------------------------------------------------------------
@@ -245,11 +308,25 @@ def main() -> int:
     paths = [p.strip() for p in args.paths.split(",") if p.strip()]
     res: dict = {"sizes": sizes, "load_before": load_average(), "cpus": os.cpu_count(), "ceilings": {}}
     print(f"load average {res['load_before']}, {os.cpu_count()} CPUs", flush=True)
+    res["crypto"] = crypto = bench_crypto()
+    print(f"  per-byte work ({crypto['cipher']}), CPU s/GiB: BLAKE3 {crypto['blake3_s_per_GiB']:.3f}, "
+          f"seal {crypto['seal_s_per_GiB']:.3f}, open {crypto['open_s_per_GiB']:.3f}", flush=True)
+    work = 2 * crypto["blake3_s_per_GiB"] + crypto["seal_s_per_GiB"] + crypto["open_s_per_GiB"]
+    ncpu = len(os.sched_getaffinity(0))
     for size in sizes:
-        c = {"memcpy": bench_memcpy(size), "raw_tcp": max(bench_raw_tcp(size) for _ in range(2)),
-             "shm_ring": max(bench_shm_ring(size) for _ in range(2))}
+        tcp = max((bench_raw_tcp(size) for _ in range(2)), key=lambda r: r[0])
+        ring = max((bench_shm_ring(size) for _ in range(2)), key=lambda r: r[0])
+        c = {"memcpy": bench_memcpy(size), "raw_tcp": tcp[0], "shm_ring": ring[0],
+             "raw_tcp_cpu_s_per_GiB": tcp[1], "shm_ring_cpu_s_per_GiB": ring[1]}
+        # the verified budget: mandatory crypto CPU plus what the transport adds, spread over every
+        # CPU, never above the bare transport. On TCP the kernel copies come on top of sealing and
+        # opening; in the shm ring sealing into it and opening out of it *are* its two copies.
+        c["budget_bulk"] = min(tcp[0], ncpu * (1 << 30) / (tcp[1] + work) / 1e6)
+        c["budget_shm"] = min(ring[0], ncpu * (1 << 30) / work / 1e6)
         res["ceilings"][str(size)] = c
-        print(f"  ceilings {fmt_size(size):>8s}: " + ", ".join(f"{k} {v:.0f} MB/s" for k, v in c.items()),
+        print(f"  ceilings {fmt_size(size):>8s}: memcpy {c['memcpy']:.0f}, raw TCP {tcp[0]:.0f} "
+              f"({tcp[1]:.2f} CPU s/GiB), shm ring {ring[0]:.0f} ({ring[1]:.2f} CPU s/GiB) MB/s; "
+              f"verified budget on {ncpu} CPUs: bulk {c['budget_bulk']:.0f}, shm {c['budget_shm']:.0f} MB/s",
               flush=True)
     res["paths"] = bench_nodes(sizes, paths, args.repeat, args.stream_repeat, args.set)
     res["load_after"] = load_average()
@@ -267,9 +344,9 @@ def main() -> int:
 def markdown(res: dict, paths: list[str]) -> str:
     head = ["payload"] + [f"{p} MB/s" for p in paths] + ["raw TCP", "shm ring (2 copies)", "memcpy"]
     if "bulk" in paths:
-        head += ["bulk/TCP", "bulk/stream"]
+        head += ["bulk/TCP", "bulk/stream", "bulk/budget"]
     if "shm" in paths:
-        head += ["shm/ring"]
+        head += ["shm/ring", "shm/budget"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for size in res["sizes"]:
         k = str(size)
@@ -280,8 +357,10 @@ def markdown(res: dict, paths: list[str]) -> str:
         if "bulk" in paths:
             row.append(f"{got['bulk'] / c['raw_tcp']:.0%}" if got.get("bulk") else "-")
             row.append(f"{got['bulk'] / got['stream']:.1f}x" if got.get("bulk") and got.get("stream") else "-")
+            row.append(f"{got['bulk'] / c['budget_bulk']:.0%}" if got.get("bulk") else "-")
         if "shm" in paths:
             row.append(f"{got['shm'] / c['shm_ring']:.0%}" if got.get("shm") else "-")
+            row.append(f"{got['shm'] / c['budget_shm']:.0%}" if got.get("shm") else "-")
         lines.append("| " + " | ".join(row) + " |")
     lines.append("")
     lines.append("| payload | " + " | ".join(f"{p} CPU s/GiB (send+recv)" for p in paths) + " |")
@@ -292,8 +371,13 @@ def markdown(res: dict, paths: list[str]) -> str:
             e = res["paths"].get(p, {}).get(str(size))
             cells.append(f"{e['cpu_s_per_GiB_sender']:.2f}+{e['cpu_s_per_GiB_receiver']:.2f}" if e else "-")
         lines.append(f"| {fmt_size(size)} | " + " | ".join(cells) + " |")
+    cr = res["crypto"]
     lines.append(f"\nload average before {res['load_before']}, after {res['load_after']}; "
-                 f"{res['cpus']} vCPUs; best of runs, end to end (encrypted + verified).")
+                 f"{res['cpus']} vCPUs; best of runs, end to end (encrypted + verified). "
+                 f"Budget = CPUs / (2 x BLAKE3 {cr['blake3_s_per_GiB']:.3f} + seal "
+                 f"{cr['seal_s_per_GiB']:.3f} + open {cr['open_s_per_GiB']:.3f} s/GiB ({cr['cipher']}) "
+                 f"+ for bulk the raw TCP CPU), capped at the bare transport: the most a verified, "
+                 f"encrypted transfer can reach on this machine.")
     return "\n".join(lines)
 
 
