@@ -5,8 +5,10 @@ Measures, per payload size (medians of several repeats, buffers prefaulted and r
   memcpy              numpy copy into a prefaulted buffer (the ceiling for any "copy once" path)
   aegis256 raw        libsodium AEGIS-256 via cffi, chunked, encrypt and decrypt
   blake3              checksum alone (threads as --hash-threads, as the protocol does)
-  send                Session.send_message (BLAKE3 + sealed header) + sealing every chunk
-  receive             header + opening every chunk into the message buffer + BLAKE3 verify + ACK
+  send                Session.send_message (sealed header) + sealing every chunk (each hashed with
+                      BLAKE3 as it is sealed) + the DIGEST frame; negotiated cipher (aegis128l)
+  receive             header + DIGEST + opening every chunk into the message buffer + BLAKE3
+                      verify + ACK
   pipeline            payload / (send + receive): one process doing both ends (target >= 1 GB/s)
   inline pipeline     the same over in-band CHUNK frames on one byte stream (the libp2p path)
 

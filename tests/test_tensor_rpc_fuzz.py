@@ -22,8 +22,10 @@ from tensor_rpc.control import (
     Ack,
     decode_ack,
     decode_credit,
+    decode_digest,
     decode_error,
     encode_ack,
+    encode_digest,
     encode_error,
 )
 from tensor_rpc.envelope import (
@@ -178,6 +180,28 @@ def test_fuzz_control_messages():
     err = encode_error(ProtocolError(ErrorCode.INCOMPATIBLE_MODEL, "x", ["rope.theta"]), 5)
     run("error", 6_000, [err], [msgpack.unpackb(err)], decode_error)
     run("credit", 4_000, [pack({"bytes": 4096})], [{"bytes": 4096}], decode_credit)
+    dig = encode_digest(9, (b"a" * 32, b"b" * 32))
+    run("digest", 4_000, [dig], [msgpack.unpackb(dig)], lambda b: decode_digest(b, 64))
+
+
+def test_frame_decoder_is_split_invariant():
+    """However a stream of frames is cut into reads (and whatever buffer type each read is), the
+    decoder yields the same frames; CHUNK bodies are views, the rest bytes."""
+    rng = random.Random(SEED)
+    for _ in range(300):
+        frames = [(rng.choice([FrameType.CHUNK, FrameType.HEADER, FrameType.CREDIT]),
+                   rng.randbytes(rng.choice([0, 1, 5, 100, 5000])))
+                  for _ in range(rng.randint(1, 6))]
+        wire = b"".join(encode_frame(t, b) for t, b in frames)
+        cuts = sorted(rng.sample(range(len(wire) + 1), min(len(wire) + 1, rng.randint(0, 8))))
+        dec, got = FrameDecoder(max_body=8192), []
+        for lo, hi in zip([0, *cuts], [*cuts, len(wire)], strict=True):
+            piece = wire[lo:hi]
+            dec.feed(rng.choice([bytes, bytearray, memoryview])(piece))
+            while (f := dec.next_frame()) is not None:
+                assert isinstance(f[1], memoryview if f[0] is FrameType.CHUNK else bytes)
+                got.append((f[0], bytes(f[1])))
+        assert got == frames and dec.buffered == 0
 
 
 def test_fuzz_aead_open():
