@@ -226,6 +226,10 @@ class TensorSession:
         self._service = service
         self._settings = service.transport if service else TransportSection()
         self._write_lock = trio.Lock()
+        # the reader never writes itself (it only kicks the writer task): a peer that stops
+        # reading can then never stop us from reading, so two sessions streaming at each other
+        # cannot deadlock on full yamux windows
+        self._kick_send, self._kick_recv = trio.open_memory_channel[None](1)
         self._send_lock = trio.Lock()
         self._ready = trio.Event()
         self._closed = trio.Event()
@@ -265,6 +269,7 @@ class TensorSession:
             self._handle(self.session.start(time.monotonic()))
             await self.flush()
             n.start_soon(self._ticker)
+            n.start_soon(self._writer)
             task_status.started()
             try:
                 await self._read_loop()
@@ -272,6 +277,11 @@ class TensorSession:
                 n.cancel_scope.cancel()
                 self._mark_closed("stream ended", self._close_error)
                 with trio.CancelScope(shield=True):
+                    with trio.move_on_after(TICK_S):  # the last words: ABORT/CLOSE with the reason
+                        try:
+                            await self.flush()
+                        except Exception:
+                            pass
                     try:
                         await self.stream.close()
                     except Exception:
@@ -292,13 +302,29 @@ class TensorSession:
                 self._handle(self.session.receive_eof())
                 return
             self._handle(self.session.receive_data(data, time.monotonic()))
-            await self.flush()
+            self._kick()
 
     async def _ticker(self) -> None:
         while True:
             await trio.sleep(TICK_S)
             self._handle(self.session.tick(time.monotonic()))
-            await self.flush()
+            self._kick()
+
+    def _kick(self) -> None:
+        """Ask the writer task to flush (non-blocking; one pending kick covers everything)."""
+        try:
+            self._kick_send.send_nowait(None)
+        except (trio.WouldBlock, trio.ClosedResourceError):
+            pass
+
+    async def _writer(self) -> None:
+        async for _ in self._kick_recv:
+            try:
+                await self.flush()
+            except Exception as exc:  # reset / connection lost while writing
+                self._handle(self.session.receive_eof())
+                self._mark_closed(f"stream write failed: {exc}", self._close_error)
+                return
 
     async def flush(self) -> None:
         """Write what the session has to send. Frames are taken under the write lock (sealed
@@ -490,7 +516,7 @@ class TensorSession:
             return  # finished or rejected already: later chunks are ignored
         self._mid_path[mid] = path
         self._handle(self.session.receive_chunk(mid, idx, view, time.monotonic()))
-        await self.flush()
+        self._kick()
 
     def _poison(self, mid: int) -> None:
         if mid in self._live:  # a wrong chunk index is a message-scoped ORDER reject
@@ -502,7 +528,7 @@ class TensorSession:
             return "delivered"
         self._abandoned.add(mid)
         self._poison(mid)
-        await self.flush()
+        self._kick()
         return "dropped"
 
     # -- sender side of lanes --------------------------------------------------------------------

@@ -287,3 +287,22 @@ def test_large_payload_moves_in_bounded_memory(big_pair, path, size):
         print(f"{path} {size / GiB:.0f} GiB in {r['elapsed_s']:.2f} s: peak RSS growth "
               f"{growth / MiB:.0f} MiB ({'sender' if p is a else 'receiver'})")
         assert growth < 512 * MiB, f"peak RSS grew by {growth / MiB:.0f} MiB moving {size / GiB:.0f} GiB"
+
+
+def test_both_directions_at_once_on_the_stream(pair):
+    """Each side streams 128 MiB to the other at the same time over one session's libp2p stream:
+    neither reader ever waits on its own writer, so full yamux windows cannot deadlock (a stalled
+    reader would make py-libp2p reset the stream after 5 s, DESIGN.md §7 item 4)."""
+    a, b, _ = pair
+    deadline = time.time() + 10
+    while not b.cmd(op="sessions")["sessions"] and time.time() < deadline:
+        time.sleep(0.05)  # b accepts a's session asynchronously
+    for p in (a, b):
+        p.proc.stdin.write((json.dumps({"op": "send", "size": 128 * MiB, "path": "stream",
+                                        "check": True}) + "\n").encode())
+        p.proc.stdin.flush()
+    ra, rb = a.replies.get(timeout=180), b.replies.get(timeout=180)
+    assert ra["ok"] and rb["ok"], (ra, rb)
+    ea, eb = a.event("received", 60), b.event("received", 60)
+    assert eb["blake3"] == ra["blake3"] and ea["blake3"] == rb["blake3"]
+    assert ra["path"] == rb["path"] == "stream"
