@@ -685,7 +685,7 @@ class TensorSession:
                     if state != "delivered":
                         return None  # dropped on the receiver: resend on the next path
                 await self.flush()  # the DIGEST, now that the lane sealed (and hashed) every chunk
-            # Chunks beyond the peer's credit go out as CREDIT frames arrive (reader task flushes).
+            # Chunks beyond the peer's credit go out as CREDIT frames arrive (the writer task flushes).
             with trio.fail_after(timeout_s or self.session.limits.transfer_timeout_s):
                 await done[0].wait()
         finally:

@@ -390,8 +390,10 @@ def plot(res: dict, paths: list[str], out: str) -> None:
     for p in paths:
         ys = [res["paths"].get(p, {}).get(str(s), {}).get("best_MBps") for s in res["sizes"]]
         ax.plot(xs, ys, marker="o", label=f"{p} (end to end)")
-    for k, style in (("raw_tcp", "--"), ("shm_ring", ":"), ("memcpy", "-.")):
-        ax.plot(xs, [res["ceilings"][str(s)][k] for s in res["sizes"]], style, label=f"{k} ceiling")
+    for k, style in (("raw_tcp", "--"), ("shm_ring", ":"), ("memcpy", "-."),
+                     ("budget_bulk", (0, (1, 3))), ("budget_shm", (0, (3, 1, 1, 1)))):
+        label = f"{k} ceiling" if not k.startswith("budget") else f"verified {k[7:]} budget"
+        ax.plot(xs, [res["ceilings"][str(s)][k] for s in res["sizes"]], linestyle=style, label=label)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("payload (MiB)")
