@@ -278,7 +278,10 @@ class IncomingMessage:
         off = index * self.chunk_bytes
         self._hashes.update(off, dst)
         if self.sink is not None:
-            self.sink.write(off, dst)
+            try:
+                self.sink.write(off, dst)
+            except Exception as exc:  # the application's sink (disk full, ...): this message only
+                raise ProtocolError(ErrorCode.LIMIT, f"receiver's sink failed: {exc}"[:200]) from None
         return n
 
     def set_expected(self, sums: Sequence[bytes]) -> None:
@@ -294,7 +297,10 @@ class IncomingMessage:
         """The message will never be delivered: tell the sink to drop what it staged."""
         if self.sink is not None:
             sink, self.sink = self.sink, None
-            sink.abort()
+            try:
+                sink.abort()
+            except Exception:  # nothing more to undo; the message is rejected either way
+                pass
 
     def verify(self) -> tuple[list[bytes], list[tuple[TensorSpec, memoryview]]]:
         """Compare every BLAKE3 of the plaintext with the sender's (invariant C); CHECKSUM on any

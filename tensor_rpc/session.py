@@ -454,7 +454,11 @@ class Session:
                 raise ProtocolError(ErrorCode.LIMIT, "too many payload bytes in flight")
         except ProtocolError as err:
             return self._reject(env.message_id, err)
-        sink = self.sink_factory(env) if self.sink_factory is not None else None
+        try:
+            sink = self.sink_factory(env) if self.sink_factory is not None else None
+        except Exception as exc:  # the application refused or failed: reject this message only
+            return self._reject(env.message_id, ProtocolError(
+                ErrorCode.LIMIT, f"receiver's sink failed: {exc}"[:200]))
         size = min(self.agreement.chunk_bytes, env.payload_bytes) if sink else env.payload_bytes
         buf = byte_view(self._buffer_factory(size))[:size]
         msg = IncomingMessage(env, buf, self._opener, self.agreement.chunk_bytes, now,

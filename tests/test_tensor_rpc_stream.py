@@ -243,3 +243,32 @@ def test_chunks_must_first_be_sealed_in_order():
     first = bytes(msg.seal_chunk(0))
     assert bytes(msg.seal_chunk(0)) == first  # resealing an earlier chunk is fine (same bytes)
     assert msg.digests is None
+
+
+class FailingSink(RecordingSink):
+    def write(self, offset, data):
+        if offset:
+            raise OSError("disk full")
+        super().write(offset, data)
+
+
+def test_a_failing_sink_rejects_only_that_message():
+    p = make_pair(LIM, LIM)
+    sinks = iter([FailingSink(), None])
+    p.b.sink_factory = lambda env: next(sinks)
+    specs, src = tensor_source(_items())
+    _lane_send(p, specs, src)
+    rej = [e for e in p.events_b if isinstance(e, MessageRejected)]
+    assert len(rej) == 1 and rej[0].error.code is ErrorCode.LIMIT and "disk full" in rej[0].error.message
+    assert not _delivered(p)
+    _lane_send(p, specs, src)  # the session lives on; the next message goes to a buffer
+    assert len(_delivered(p)) == 1
+
+
+def test_a_sink_factory_that_raises_rejects_the_message():
+    p = make_pair(LIM, LIM)
+    p.b.sink_factory = lambda env: 1 / 0
+    _lane_send(p, *tensor_source(_items()))
+    rej = [e for e in p.events_b if isinstance(e, MessageRejected)]
+    assert rej and rej[0].error.code is ErrorCode.LIMIT and not _delivered(p)
+    assert not [e for e in p.events_b if isinstance(e, Closed)]
