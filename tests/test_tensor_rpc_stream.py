@@ -83,6 +83,15 @@ def _lane_send(p, specs, payload, deliver_digest_first=True):
     return msg
 
 
+def _header_sent(p):
+    """A lane message of the two test tensors whose HEADER reached b; chunks not sealed yet."""
+    specs, src = tensor_source(_items())
+    msg = p.a.send_message(kind=Kind.KV_CACHE, layers=(0, 1), tokens=(0, 1), tensors=specs,
+                           payload=src, now=1.0, inline=False)
+    p.events_b += p.b.receive_data(p.a.data_to_send(), 1.0)
+    return msg
+
+
 def _delivered(p):
     return [e for e in p.events_b if isinstance(e, MessageReceived)]
 
@@ -142,10 +151,7 @@ def test_tampered_chunk_aborts_the_sink_and_delivers_nothing():
     sink = RecordingSink()
     p = make_pair(LIM, LIM)
     p.b.sink_factory = lambda env: sink
-    specs, src = tensor_source(_items())
-    msg = p.a.send_message(kind=Kind.KV_CACHE, layers=(0, 1), tokens=(0, 1), tensors=specs,
-                           payload=src, now=1.0, inline=False)
-    p.events_b += p.b.receive_data(p.a.data_to_send(), 1.0)
+    msg = _header_sent(p)
     c0 = bytes(msg.seal_chunk(0))
     c1 = bytearray(msg.seal_chunk(1))
     c1[10] ^= 1
@@ -164,10 +170,7 @@ def test_sink_aborted_when_the_digest_never_comes():
     sink = RecordingSink()
     p = make_pair(LIM, LIM)
     p.b.sink_factory = lambda env: sink
-    specs, src = tensor_source(_items())
-    msg = p.a.send_message(kind=Kind.KV_CACHE, layers=(0, 1), tokens=(0, 1), tensors=specs,
-                           payload=src, now=1.0, inline=False)
-    p.events_b += p.b.receive_data(p.a.data_to_send(), 1.0)
+    msg = _header_sent(p)
     for i in range(msg.n_chunks):
         p.events_b += p.b.receive_chunk(msg.message_id, i, bytes(msg.seal_chunk(i)), 1.0)
     assert not _delivered(p) and not sink.aborted  # complete, waiting for the checksums
@@ -180,10 +183,7 @@ def test_sink_aborted_when_the_session_closes():
     sink = RecordingSink()
     p = make_pair(LIM, LIM)
     p.b.sink_factory = lambda env: sink
-    specs, src = tensor_source(_items())
-    msg = p.a.send_message(kind=Kind.KV_CACHE, layers=(0, 1), tokens=(0, 1), tensors=specs,
-                           payload=src, now=1.0, inline=False)
-    p.events_b += p.b.receive_data(p.a.data_to_send(), 1.0)
+    msg = _header_sent(p)
     p.events_b += p.b.receive_chunk(msg.message_id, 0, bytes(msg.seal_chunk(0)), 1.0)
     p.b.close("bye")
     assert sink.aborted
@@ -196,17 +196,12 @@ def _sealed_digest(p, mid, sums):
 
 def test_wrong_digest_count_or_second_digest_rejects_the_message():
     p = make_pair(LIM, LIM)
-    specs, src = tensor_source(_items())
-    msg = p.a.send_message(kind=Kind.KV_CACHE, layers=(0, 1), tokens=(0, 1), tensors=specs,
-                           payload=src, now=1.0, inline=False)
-    p.events_b += p.b.receive_data(p.a.data_to_send(), 1.0)
+    msg = _header_sent(p)
     p.events_b += p.b.receive_data(_sealed_digest(p, msg.message_id, (bytes(32),)), 1.0)
     rej = [e for e in p.events_b if isinstance(e, MessageRejected)]
     assert rej and rej[0].error.code is ErrorCode.MALFORMED
     p = make_pair(LIM, LIM)
-    msg = p.a.send_message(kind=Kind.KV_CACHE, layers=(0, 1), tokens=(0, 1), tensors=specs,
-                           payload=src, now=1.0, inline=False)
-    p.events_b += p.b.receive_data(p.a.data_to_send(), 1.0)
+    msg = _header_sent(p)
     for _ in range(2):
         p.events_b += p.b.receive_data(_sealed_digest(p, msg.message_id, (bytes(32),) * 2), 1.0)
     rej = [e for e in p.events_b if isinstance(e, MessageRejected)]
@@ -215,10 +210,7 @@ def test_wrong_digest_count_or_second_digest_rejects_the_message():
 
 def test_false_digest_is_a_checksum_reject():
     p = make_pair(LIM, LIM)
-    specs, src = tensor_source(_items())
-    msg = p.a.send_message(kind=Kind.KV_CACHE, layers=(0, 1), tokens=(0, 1), tensors=specs,
-                           payload=src, now=1.0, inline=False)
-    p.events_b += p.b.receive_data(p.a.data_to_send(), 1.0)
+    msg = _header_sent(p)
     p.events_b += p.b.receive_data(_sealed_digest(p, msg.message_id, (bytes(32),) * 2), 1.0)
     for i in range(msg.n_chunks):
         p.events_b += p.b.receive_chunk(msg.message_id, i, bytes(msg.seal_chunk(i)), 1.0)
