@@ -71,6 +71,8 @@ class ChunkSink(Protocol):
 
     Stage it (a temporary file, a device buffer); commit only once the message is delivered
     (``MessageReceived`` carries the sink). ``abort`` means it failed: discard everything staged.
+    ``write`` runs on the session owner's thread (the node's event loop): keep it quick (a file
+    write, a device copy) or hand the bytes to a worker; an exception rejects the message.
     """
 
     def write(self, offset: int, data: memoryview) -> None: ...
