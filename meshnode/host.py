@@ -3,12 +3,14 @@
 py-libp2p's defaults are unsafe or slow for us (DESIGN.md §7): it offers plaintext, TLS and SECIO
 next to Noise, and its connection manager stalls ``connect()`` for 250 ms unless only one
 connection per peer is allowed. We therefore pass the security and muxer options ourselves: Noise
-only (a plaintext-only peer fails negotiation), yamux only.
+only (a plaintext-only peer fails negotiation), yamux only — our :class:`Yamux` subclass, which
+keeps the muxer's reader from blocking behind a stuck data write (see its docstring).
 """
 
 from __future__ import annotations
 
 import multiaddr
+import trio
 from libp2p import new_host
 from libp2p.abc import IHost
 from libp2p.crypto.keys import KeyPair
@@ -16,8 +18,9 @@ from libp2p.crypto.x25519 import create_new_key_pair as create_new_x25519_key_pa
 from libp2p.network.config import ConnectionConfig
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
+from libp2p.stream_muxer import muxer_multistream
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
-from libp2p.stream_muxer.yamux.yamux import Yamux
+from libp2p.stream_muxer.yamux.yamux import Yamux as _LibYamux
 
 from meshnode.config import HostSection
 
@@ -27,7 +30,38 @@ def security_options(key_pair: KeyPair) -> dict:
     return {NOISE_PROTOCOL_ID: NoiseTransport(key_pair, noise_privkey=create_new_x25519_key_pair().private_key)}
 
 
+_READER_TASK = "._handle_incoming_with_ready_signal"
+
+
+class Yamux(_LibYamux):
+    """py-libp2p 0.8.1's yamux, except that its reader task never waits for the write lock.
+
+    The reader answers a peer's SYN (ACK/RST) and ping inline through ``_write_frame``, which takes
+    the connection's write lock. When both peers stream at each other, each side's lock can be held
+    by a data write stuck on a full TCP send buffer; a reader waiting on it stops draining its
+    socket, so the other side's buffer never empties either: both hang forever (reproduced with
+    two node processes streaming 256 MiB each way while a CRDT stream opens). Here such a reply is
+    written by its own task as soon as the lock frees, and the reader keeps reading.
+    """
+
+    async def _write_frame(self, data: bytes) -> None:
+        if self._write_lock.locked() and trio.lowlevel.current_task().name.endswith(_READER_TASK):
+            trio.lowlevel.spawn_system_task(self._deferred_write, data, name="yamux-deferred-write")
+            return
+        await super()._write_frame(data)
+
+    async def _deferred_write(self, data: bytes) -> None:
+        try:
+            await super()._write_frame(data)
+        except Exception:  # the connection went away: nothing left to answer
+            pass
+
+
 def muxer_options() -> dict:
+    # py-libp2p 0.8.1 ignores the class given here for yamux and builds
+    # ``muxer_multistream.Yamux`` itself: point that name at ours (idempotent, this module only
+    # ever installs the same subclass)
+    muxer_multistream.Yamux = Yamux
     return {YAMUX_PROTOCOL_ID: Yamux}
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -97,6 +98,26 @@ class HashSink:
         self.aborted = True
 
 
+def task_dump() -> list[str]:
+    """Each trio task and the innermost frames it is suspended in (diagnostics for hangs)."""
+    lines: list[str] = []
+
+    def walk(task, depth: int) -> None:
+        frames, coro = [], task.coro
+        while coro is not None:
+            frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
+            if frame is not None:
+                frames.append(f"{frame.f_code.co_name}:{frame.f_lineno}")
+            coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+        lines.append("  " * depth + f"{task.name} @ " + " > ".join(frames[-9:]))
+        for nursery in task.child_nurseries:
+            for child in nursery.child_tasks:
+                walk(child, depth + 1)
+
+    walk(trio.lowlevel.current_root_task(), 0)
+    return lines
+
+
 def rss() -> dict:
     info = {}
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -157,7 +178,14 @@ async def main(args: argparse.Namespace) -> None:
             attach(ts)
             nursery.start_soon(receiver, ts)
 
+    async def dump_on_sigusr1() -> None:  # diagnostics for hangs: kill -USR1 <pid>
+        with trio.open_signal_receiver(signal.SIGUSR1) as signals:
+            async for _ in signals:
+                sys.stderr.write("\n".join(["== trio tasks"] + task_dump()) + "\n")
+                sys.stderr.flush()
+
     async with trio.open_nursery() as nursery:
+        nursery.start_soon(dump_on_sigusr1)
         await nursery.start(node.run)
         nursery.start_soon(acceptor, nursery)
         addr = str(node.addrs[0])

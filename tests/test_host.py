@@ -1,0 +1,66 @@
+"""The host composition: our yamux is the one py-libp2p builds, and its reader never blocks on writes."""
+
+from __future__ import annotations
+
+import struct
+
+import trio
+from libp2p.stream_muxer import muxer_multistream
+from libp2p.stream_muxer.yamux.yamux import FLAG_ACK, TYPE_WINDOW_UPDATE, YAMUX_HEADER_FORMAT
+
+from meshnode.host import Yamux, muxer_options
+
+ACK = struct.pack(YAMUX_HEADER_FORMAT, 0, TYPE_WINDOW_UPDATE, FLAG_ACK, 5, 0)
+
+
+class _Conn:
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+
+    async def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+
+def _muxer() -> Yamux:
+    m = Yamux.__new__(Yamux)  # only what _write_frame touches
+    m._write_lock = trio.Lock()
+    m.secured_conn = _Conn()
+    m.is_initiator_value = True  # read by the library's frame logging
+    return m
+
+
+def test_py_libp2p_builds_our_yamux():
+    muxer_options()
+    assert muxer_multistream.Yamux is Yamux
+
+
+async def test_reader_task_does_not_wait_behind_a_stuck_data_write():
+    m = _muxer()
+    returned = trio.Event()
+
+    async def reader() -> None:  # named like py-libp2p's muxer reader task
+        await m._write_frame(ACK)
+        returned.set()
+
+    async with trio.open_nursery() as n:
+        await m._write_lock.acquire()  # a data write stuck on a full TCP buffer holds the lock
+        n.start_soon(reader, name="libp2p.stream_muxer.yamux.yamux.Yamux._handle_incoming_with_ready_signal")
+        with trio.fail_after(2):
+            await returned.wait()  # the reader went back to reading at once
+        assert m.secured_conn.written == []
+        m._write_lock.release()
+        with trio.fail_after(2):
+            while not m.secured_conn.written:
+                await trio.sleep(0.01)
+        assert m.secured_conn.written == [ACK]  # ... and the ACK went out once the lock freed
+
+
+async def test_other_tasks_still_wait_their_turn():
+    m = _muxer()
+    async with trio.open_nursery() as n:
+        await m._write_lock.acquire()
+        n.start_soon(m._write_frame, ACK)
+        await trio.sleep(0.05)
+        assert m.secured_conn.written == []  # ordinary writers queue on the lock
+        m._write_lock.release()
+    assert m.secured_conn.written == [ACK]
