@@ -138,6 +138,8 @@ class TransportSection:
     lane_connect_timeout_s: float = _f(5.0, 0.05, 600.0, doc="bulk/shm lane connect + key proof")
     lane_socket_buffer_bytes: int = _f(4 * MiB, 64 * KiB, 1 * GiB, doc="SO_SNDBUF/SO_RCVBUF of lanes")
     lane_retry_s: float = _f(30.0, 0.0, 86400.0, doc="a lane that failed is tried again after this long")
+    inline_max_bytes: int = _f(256 * KiB, 0, 1 * GiB, doc="under path=auto, payloads up to this size "
+                               "go on the libp2p stream (lower latency than a lane for small messages)")
     stream_read_bytes: int = _f(8 * MiB, 64 * KiB, 256 * MiB, doc="libp2p stream read size")
     stream_window_bytes: int = _f(16 * MiB, 256 * KiB, 16 * MiB, doc="yamux receive window granted at once")
     recv_pool_bytes: int = _f(2 * GiB, 0, 64 * GiB, doc="idle prefaulted receive buffers kept for reuse")

@@ -640,8 +640,8 @@ class TensorSession:
         t0 = time.monotonic()
         async with self._send_lock:
             assert self._service is not None or path in (None, "stream")
-            order = (self._service.path_order(str(self.peer_id), path) if self._service
-                     else ["stream"])
+            order = (self._service.path_order(str(self.peer_id), path, payload.nbytes)
+                     if self._service else ["stream"])
             for p in order:
                 lane = None
                 if p != "stream":
@@ -779,9 +779,9 @@ class TensorService:
         self.shm_name: str | None = None
         self._buffers = BufferPool(self.transport.recv_pool_bytes)
 
-    def path_order(self, peer: str, override: str | None = None) -> list[str]:
+    def path_order(self, peer: str, override: str | None = None, nbytes: int | None = None) -> list[str]:
         return path_order(peer, self.transport.path, self._peer_paths, override,
-                          self.transport.shm_enabled)
+                          self.transport.shm_enabled, nbytes, self.transport.inline_max_bytes)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         removed = janitor()

@@ -179,6 +179,18 @@ def test_forcing_path_by_config(pair, setting, expect):
         s.stop()
 
 
+def test_auto_sends_small_payloads_on_the_stream(pair):
+    _, b, tmp = pair
+    s = Peer(tmp, "auto-size")
+    try:
+        link(s, b)
+        assert transfer(s, b, 1 * KiB, None)["path"] == "stream"  # <= transport.inline_max_bytes
+        assert transfer(s, b, 1 * MiB, None)["path"] == "shm"
+        assert transfer(s, b, 1 * KiB, "shm")["path"] == "shm"  # a forced path still wins
+    finally:
+        s.stop()
+
+
 def test_forcing_path_per_peer(pair):
     _, b, tmp = pair
     s = Peer(tmp, "per-peer", f"transport.peer_paths={b.peer_id}=stream")
@@ -252,6 +264,11 @@ def test_path_order_rules():
     assert path_order("P2", "auto", per, override="shm") == ["shm", "bulk", "stream"]
     assert path_order("X", "auto", per, shm_enabled=False) == ["bulk", "stream"]
     assert path_order("X", "shm", per, shm_enabled=False) == ["bulk", "stream"]  # off means off
+    # small payloads under auto take the stream (a lane costs ~1 ms more per message); forced wins
+    assert path_order("X", "auto", per, nbytes=1024, inline_max_bytes=262144) == ["stream"]
+    assert path_order("X", "auto", per, nbytes=262145, inline_max_bytes=262144)[0] == "shm"
+    assert path_order("X", "auto", per, override="bulk", nbytes=1, inline_max_bytes=262144)[0] == "bulk"
+    assert path_order("P2", "auto", per, nbytes=1, inline_max_bytes=262144)[0] == "bulk"
     with pytest.raises(ValueError):
         parse_peer_paths(["nope"])
 
