@@ -1,8 +1,9 @@
 """Small sealed control messages after the handshake: DIGEST, ACK, REJECT, CREDIT, CLOSE, and
 plaintext ABORT.
 
-Each is a msgpack map. DIGEST carries the sender's per-tensor BLAKE3 after the last chunk; the ACK echoes the BLAKE3 the *receiver computed* for every tensor
-(invariant C); the sender compares it with what it sent.
+Each is a msgpack map. DIGEST carries the sender's per-tensor BLAKE3 after the last chunk; the ACK
+echoes the BLAKE3 the *receiver computed* for every tensor (invariant C); the sender compares it
+with what it sent.
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
 """The envelope: what a tensor message is, where and how it applies, and what it carries.
 
 Invariant B (semantics) and C (determinism) live here: every message states its kind, layer and
-token ranges, batch slot and apply mode, and lists each tensor with dtype, shape, byte length and
-byte length (its BLAKE3 follows the data in a DIGEST frame). :func:`decode_envelope` checks all of it against the negotiated bounds before the receiver
-allocates the payload buffer, so a header alone can never make us allocate more than allowed.
+token ranges, batch slot and apply mode, and lists each tensor with dtype, shape and byte length
+(its BLAKE3 follows the data in a DIGEST frame). :func:`decode_envelope` checks all of it against
+the negotiated bounds before the receiver allocates the payload buffer, so a header alone can never
+make us allocate more than allowed.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import enum
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .codec import need, need_uint, pack, unpack_map
@@ -80,6 +81,11 @@ class Envelope:
     @property
     def payload_bytes(self) -> int:
         return sum(t.byte_length for t in self.tensors)
+
+    def with_checksums(self, sums: Sequence[bytes]) -> Envelope:
+        """This envelope with each tensor's BLAKE3 filled in (once the DIGEST is known)."""
+        return replace(self, tensors=tuple(replace(t, blake3=d)
+                                           for t, d in zip(self.tensors, sums, strict=True)))
 
     def offsets(self) -> list[int]:
         out, off = [], 0

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Sequence
-from dataclasses import replace
 from typing import Any, Protocol
 
 import blake3
@@ -41,14 +40,6 @@ def _threads(nbytes: int, hash_threads: int) -> int:
 def checksum(data: memoryview, hash_threads: int = 1) -> bytes:
     """BLAKE3 of one tensor's bytes (``hash_threads``: 1 single, 0 AUTO, n threads)."""
     return blake3.blake3(data, max_threads=_threads(len(data), hash_threads)).digest()
-
-
-def checksums(payload: memoryview, specs: Sequence[TensorSpec], hash_threads: int = 1) -> list[bytes]:
-    out, off = [], 0
-    for s in specs:
-        out.append(checksum(payload[off:off + s.byte_length], hash_threads))
-        off += s.byte_length
-    return out
 
 
 def chunk_count(payload_bytes: int, chunk_bytes: int) -> int:
@@ -213,8 +204,7 @@ class OutgoingMessage:
 
     def _complete(self) -> None:
         sums = tuple(self._hashes.digests())
-        self.envelope = replace(self.envelope, tensors=tuple(
-            replace(t, blake3=d) for t, d in zip(self.envelope.tensors, sums, strict=True)))
+        self.envelope = self.envelope.with_checksums(sums)
         self.digests = sums  # last: another thread polls it (lanes seal in worker threads)
 
 
@@ -261,7 +251,7 @@ class IncomingMessage:
         return self.complete and self.expected is not None
 
     def slot(self, index: int) -> memoryview:
-        """Where chunk ``index``'s plaintext goes (lanes receive the sealed chunk right there)."""
+        """Where chunk ``index``'s plaintext goes: its final place in ``buffer``, or the staging."""
         off = index * self.chunk_bytes
         n = min(self.chunk_bytes, self.nbytes - off)
         return self.buffer[:n] if self.sink is not None else self.buffer[off:off + n]
@@ -312,13 +302,13 @@ class IncomingMessage:
         if self.expected is None:
             raise ProtocolError(ErrorCode.ORDER, "no DIGEST for this message")
         sums = self._hashes.digests()
-        views, off = [], 0
         for spec, got, want in zip(self.envelope.tensors, sums, self.expected, strict=True):
             if got != want:
                 raise ProtocolError(ErrorCode.CHECKSUM, f"BLAKE3 mismatch for tensor {spec.name!r}")
-            if self.sink is None:
-                views.append((replace(spec, blake3=got), self.buffer[off:off + spec.byte_length]))
-            off += spec.byte_length
-        self.envelope = replace(self.envelope, tensors=tuple(
-            replace(t, blake3=d) for t, d in zip(self.envelope.tensors, sums, strict=True)))
+        self.envelope = self.envelope.with_checksums(sums)
+        views, off = [], 0
+        if self.sink is None:
+            for spec in self.envelope.tensors:
+                views.append((spec, self.buffer[off:off + spec.byte_length]))
+                off += spec.byte_length
         return sums, views
