@@ -1,8 +1,10 @@
 """Session metadata as signed, replicated pycrdt documents (protocol ``/latentlink/crdt/1.0.0``).
 
 Modules, one job each: ``schema`` (typed document), ``wire`` (frames), ``signing`` (Ed25519),
-``replica`` (admission rules), ``sync`` (sans-I/O engine), ``store`` (on-disk log), ``service``
-(libp2p adapter). The node imports only what is re-exported here.
+``yupdate`` (strict decoder of pycrdt updates), ``ownership`` (who may write which key),
+``replica`` (admission rules), ``ratelimit`` / ``inflight`` (per-peer budgets, bounded pull
+table), ``sync`` (sans-I/O engine), ``store`` (on-disk log), ``refusals`` (count and log what is
+refused), ``service`` (libp2p adapter). The node imports only what is re-exported here.
 """
 
 from crdt_state.limits import CrdtLimits

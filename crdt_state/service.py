@@ -6,6 +6,11 @@ once would otherwise deadlock on full yamux windows. Writes are serialised by a 
 All tasks live in a nursery the caller owns (``run()`` or ``start(nursery)``); inbound streams
 are read inside the handler task py-libp2p gives us, and end when the service stops.
 
+Streams are capped: at most ``max_links_per_peer`` per peer (ours and theirs) and ``max_links`` in
+all; an inbound stream past either cap is reset at once. That, the engine's limits (records per
+peer per second, documents per creator) and protocol errors are *refusals*: each is counted through
+``on_refuse(label)`` and logged with its reason and the peer (``refusals.py``).
+
 The node composes this in ``meshnode/node.py``; the session API here is synchronous (edits are
 local and immediate), pushes to participants happen in the background.
 """
@@ -29,6 +34,7 @@ from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 
 from crdt_state.limits import CrdtLimits
+from crdt_state.refusals import RefusalLog
 from crdt_state.replica import Rejected
 from crdt_state.schema import LineageEdge, Outcome, SessionDoc, TensorMessage
 from crdt_state.store import UpdateStore
@@ -41,6 +47,7 @@ PROTOCOL_ID = TProtocol("/latentlink/crdt/1.0.0")
 READ_CHUNK = 256 * 1024
 WRITE_COALESCE_BYTES = 1024 * 1024
 FULL_ROUND_EVERY = 10  # ticks between unconditional STEP1s (covers lost requests)
+OUTCOME_STATUSES = ("applied", "refused", "rejected")
 EDIT_HEADROOM = 2048  # pycrdt update overhead over the msgpack size of the values it carries
 
 
@@ -65,7 +72,8 @@ class Stats:
 class _Link:
     """One stream to a peer: a send queue drained by one writer task, writes under a lock."""
 
-    def __init__(self, peer: str, stream: INetStream, max_queued_bytes: int) -> None:
+    def __init__(self, peer: str, stream: INetStream, max_queued_bytes: int,
+                 on_overflow: Callable[[_Link], None]) -> None:
         self.peer = peer
         self.stream = stream
         self.lock = trio.Lock()
@@ -73,6 +81,7 @@ class _Link:
         self.send_q, self.recv_q = trio.open_memory_channel[list[bytes]](math.inf)
         self.queued_bytes = 0
         self.max_queued_bytes = max_queued_bytes
+        self._on_overflow = on_overflow
         self.closed = False
         self.last_vv: dict[str, dict[WriterKey, int]] = {}  # what our last STEP1s announced
 
@@ -81,8 +90,7 @@ class _Link:
             self.queued_bytes += sum(map(len, frames))
             if self.queued_bytes > self.max_queued_bytes:
                 # A peer that asks faster than it reads: drop the stream; it can reconnect.
-                log.warning("crdt: send queue to %s over %d bytes; dropping stream",
-                            self.peer, self.max_queued_bytes)
+                self._on_overflow(self)
                 self.closed = True
                 self.send_q.close()
                 return
@@ -102,11 +110,14 @@ class _Link:
 class CrdtService:
     def __init__(self, host: IHost, key_pair: KeyPair, store: UpdateStore | None = None,
                  limits: CrdtLimits | None = None, dial_timeout_s: float = 5.0,
-                 accept_session: Callable[[SessionDoc], bool] | None = None) -> None:
+                 accept_session: Callable[[SessionDoc], bool] | None = None,
+                 on_refuse: Callable[[str], None] | None = None) -> None:
         """``accept_session`` decides whether to keep a session another peer created with us as
-        a participant (default: keep every such invitation)."""
+        a participant (default: keep every such invitation). ``on_refuse(label)`` is called once
+        per refusal of a peer (the node counts them in /metrics)."""
         self.host = host
         self.limits = limits or CrdtLimits()
+        self.refusals = RefusalLog(log, on_refuse, max_keys=4 * self.limits.max_links)
         self.store = store
         self.engine = SyncEngine(key_pair, self.limits, on_accept=self._persist,
                                  accept_session=accept_session)
@@ -121,7 +132,10 @@ class CrdtService:
         self._subs: list[tuple[str | None, trio.MemorySendChannel[SessionChange]]] = []
         self._nursery: trio.Nursery | None = None
         if store is not None:
-            self.engine.load(store.load())
+            stale = self.engine.load(store.load())
+            if stale:
+                log.warning("crdt: %d stored records no longer pass admission (first: %s); "
+                            "they are ignored", len(stale), stale[0].reason)
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -218,11 +232,30 @@ class CrdtService:
         return msg.message_id
 
     def record_outcome(self, session_id: str, message_id: str, status: str, reason: str = "",
-                       timings: Mapping[str, float] | None = None) -> None:
-        """Record, as the receiver, that a message was applied or rejected (and why)."""
-        if status not in ("applied", "rejected"):
-            raise ValueError("status must be 'applied' or 'rejected'")
-        out = Outcome(message_id, status, self.peer_id, time.time(), reason, dict(timings or {}))
+                       timings: Mapping[str, float] | None = None, *,
+                       sender: str | None = None) -> None:
+        """Record, as the receiver, that a message was applied, refused or rejected (and why).
+
+        ``sender``: who sent it (message ids are unique per sender only). Left out, it is the
+        sender of the one message with this id addressed to us, or else — the message may not
+        have replicated yet — the one other participant of a two-party session.
+        """
+        if status not in OUTCOME_STATUSES:
+            raise ValueError(f"status must be one of {OUTCOME_STATUSES}")
+        doc = self.doc(session_id)
+        known = [m for m in doc.messages() if m.message_id == message_id
+                 and (sender is None or m.sender == sender)]
+        if known and all(m.receiver != self.peer_id for m in known):
+            # Peers would file it as unverified: only the receiver's outcome counts.
+            raise ValueError(f"message {message_id!r} was not sent to this node")
+        if sender is None:
+            senders = {m.sender for m in known if m.receiver == self.peer_id} or \
+                set(doc.participant_ids()) - {self.peer_id}
+            if len(senders) != 1:
+                raise ValueError(f"cannot tell who sent message {message_id!r}: pass sender=")
+            (sender,) = senders
+        out = Outcome(message_id, status, self.peer_id, time.time(), reason, dict(timings or {}),
+                      sender)
         self._check_size(session_id, out.__dict__)
         self._edit(session_id, lambda d: d.record_outcome(out))
 
@@ -318,6 +351,8 @@ class CrdtService:
         if link is not None and not link.closed:
             self._send_step1s(link, only_changed)
         elif peer not in self._dialing and self._dial_after.get(peer, 0.0) <= trio.current_time():
+            if self._link_refusal(peer) is not None:
+                return  # no room for one more stream; anti-entropy tries again later
             self._dialing.add(peer)
             self._nursery.start_soon(self._open, peer)
 
@@ -341,23 +376,51 @@ class CrdtService:
             return
         finally:
             self._dialing.discard(peer)
-        link = await self._attach(peer, stream)
+        link = await self._attach(peer, stream, inbound=False)
         if link is not None and self._nursery is not None:
             self._nursery.start_soon(self._read_loop, link)
 
     async def _handle_inbound(self, stream: INetStream) -> None:
         peer = stream.muxed_conn.peer_id.to_base58()
-        link = await self._attach(peer, stream)
+        link = await self._attach(peer, stream, inbound=True)
         if link is not None:
             await self._read_loop(link)
 
-    async def _attach(self, peer: str, stream: INetStream) -> _Link | None:
-        """Adopt a stream (ours or the peer's) and greet with STEP1s; refuse when blocked/stopped."""
-        if peer in self.blocked or self._nursery is None:
-            with trio.move_on_after(1):
+    @staticmethod
+    async def _reset(stream: INetStream) -> None:
+        with trio.move_on_after(1):
+            try:
                 await stream.reset()
+            except Exception as exc:  # already gone: nothing left to release
+                log.debug("crdt: reset of a refused stream failed: %s", exc)
+
+    def _link_refusal(self, peer: str) -> tuple[str, str] | None:
+        """Why one more stream with ``peer`` is not allowed, as (label, reason); None if it is."""
+        live = [lk for lk in self._all_links if not lk.closed]
+        mine = sum(1 for lk in live if lk.peer == peer)
+        if mine >= self.limits.max_links_per_peer:
+            return "links_per_peer", (f"already {mine} CRDT streams with this peer "
+                                      "(crdt.max_links_per_peer)")
+        if len(live) >= self.limits.max_links:
+            return "links", f"already {len(live)} CRDT streams in all (crdt.max_links)"
+        return None
+
+    async def _attach(self, peer: str, stream: INetStream, inbound: bool) -> _Link | None:
+        """Adopt a stream (ours or the peer's) and greet with STEP1s; refuse it when the peer is
+        blocked, the service stopped, or the stream would pass a cap (reset at once)."""
+        if peer in self.blocked or self._nursery is None:
+            await self._reset(stream)
             return None
-        link = _Link(peer, stream, max(2 * self.limits.max_document_bytes, 16 * 1024 * 1024))
+        refusal = self._link_refusal(peer)
+        if refusal is not None:
+            if inbound:
+                self._refuse(refusal[0], peer, refusal[1])
+            else:  # we dialled while the peer's own stream arrived: ours is the extra one
+                log.debug("crdt: closing our new stream to %s: %s", peer, refusal[1])
+            await self._reset(stream)
+            return None
+        link = _Link(peer, stream, max(2 * self.limits.max_document_bytes, 16 * 1024 * 1024),
+                     self._on_overflow)
         self._all_links.add(link)
         current = self._links.get(peer)
         if current is None or current.closed:
@@ -401,21 +464,28 @@ class CrdtService:
                 out = self.engine.receive(link.peer, data, trio.current_time(), channel)
                 self._handle_output(link, out)
         except SyncProtocolError as exc:
-            log.warning("crdt: protocol error from %s, dropping stream: %s", link.peer, exc)
+            self._refuse("protocol_error", link.peer, f"{exc}; dropping the stream")
         except Exception as exc:  # stream reset/EOF/closed: the peer went away
             log.debug("crdt: read from %s ended: %s", link.peer, exc)
         finally:
             self.engine.forget(link.peer, channel)
             await self._drop(link)
 
+    def _refuse(self, label: str, peer: str, reason: str) -> None:
+        self.refusals.refuse(label, peer, reason, trio.current_time())
+
+    def _on_overflow(self, link: _Link) -> None:
+        self._refuse("send_queue", link.peer, f"send queue over {link.max_queued_bytes} bytes "
+                     "(the peer asks faster than it reads); dropping the stream")
+
     def _handle_output(self, link: _Link, out: Output) -> None:
         link.queue(out.frames)
-        for rej in out.rejected:
-            if not rej.retryable:
-                log.warning("crdt: rejected record from %s via %s: %s",
-                            ID(rej.record.author).to_base58(), link.peer, rej.reason)
-                self.stats.rejected.append(rej)
-                del self.stats.rejected[:-100]
+        for rej in out.refused:
+            rec = rej.record
+            self._refuse(rej.label, link.peer, f"record {rec.doc_id!r} "
+                         f"{ID(rec.author).to_base58()}#{rec.seq}: {rej.reason}")
+            self.stats.rejected.append(rej)
+            del self.stats.rejected[:-100]
         for doc_id, recs in out.accepted.items():
             self.stats.records_accepted += len(recs)
             self._notify(doc_id, link.peer, len(recs))
@@ -437,9 +507,16 @@ class CrdtService:
             await trio.sleep(self.limits.anti_entropy_interval_s)
             tick += 1
             if self.store is not None:
-                self.store.flush()
+                try:
+                    self.store.flush()
+                except OSError as exc:  # e.g. EMFILE while a flood holds every descriptor
+                    log.warning("crdt: could not flush the update log (retried next round): %s", exc)
             peers: set[str] = set()
             for rep in self.engine.replicas.values():
                 peers.update(rep.doc.participant_ids())
             for peer in sorted(peers):
                 self._sync_with(peer, only_changed=tick % FULL_ROUND_EVERY != 0)
+            now = trio.current_time()
+            for peer, link in list(self._links.items()):  # records refused as over budget
+                if not link.closed:
+                    link.queue(self.engine.retry_frames(peer, now))

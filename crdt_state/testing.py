@@ -8,7 +8,8 @@ loopback TCP on an ephemeral port.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import os
+from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 
 import multiaddr
@@ -23,9 +24,12 @@ from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 
 from crdt_state.limits import CrdtLimits
-from crdt_state.schema import TensorMessage
+from crdt_state.ownership import client_id
+from crdt_state.schema import SessionDoc, TensorMessage
 from crdt_state.service import CrdtService
+from crdt_state.signing import Signer
 from crdt_state.sync import SyncEngine
+from crdt_state.wire import SignedUpdate
 
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
 
@@ -95,3 +99,22 @@ def sample_message(i: int, sender: str) -> TensorMessage:
                          layers=(0, 11), tokens=(i, i + 8), nbytes=4096 + i,
                          checksums=("ab" * 16,), path="shm", sent_at=float(i),
                          timings={"encode_ms": 0.25})
+
+
+def forge(signer: Signer, base: SyncEngine, doc_id: str, fn: Callable[[SessionDoc], object],
+          writer: bytes | None = None, pycrdt_client: int | None = None) -> SignedUpdate:
+    """What a malicious participant can send: a genuine pycrdt edit of a copy of ``base``'s
+    document, made around the owner checks of the API, under a fresh writer, correctly signed.
+
+    ``pycrdt_client`` defaults to the client id bound to that writer (so only the content of the
+    edit is wrong); pass another writer's to try to squat its item ids.
+    """
+    writer = writer or os.urandom(8)
+    captured: list[bytes] = []
+    copy = SessionDoc(client_id=pycrdt_client or client_id(signer.author, writer))
+    copy.doc.apply_update(base.replicas[doc_id].doc.doc.get_update())
+    sub = copy.doc.observe(lambda event: captured.append(bytes(event.update)))
+    fn(copy)  # through the typed API or straight into its pycrdt maps
+    copy.doc.unobserve(sub)
+    assert len(captured) == 1, "one edit, one update"
+    return signer.sign(doc_id, writer, 1, captured[0])

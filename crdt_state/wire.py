@@ -1,9 +1,10 @@
 """Wire format of ``/latentlink/crdt/1.0.0``: length-prefixed msgpack frames, decoded with limits.
 
-Every frame is ``u32 big-endian length || msgpack body``. The length is checked against
+Every frame is ``u32 big-endian length || msgpack body``, built and split by the project's one
+framing helper (:mod:`discovery.streamio`). The length is checked against
 ``CrdtLimits.max_frame_bytes`` before a byte of the body is buffered (DESIGN.md invariant D), and the
 body is parsed by msgpack with per-object limits, then checked field by field. Any malformed input
-raises :class:`SyncProtocolError` and nothing else.
+raises :class:`SyncProtocolError` and nothing else (the helper's ``FrameError`` is mapped onto it).
 
 Bodies (msgpack arrays):
 
@@ -17,13 +18,11 @@ that a restarted node never reuses a sequence number it may have lost in a crash
 
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass
 from typing import Any
 
-import msgpack
-
 from crdt_state.limits import CrdtLimits
+from discovery.streamio import LEN, FrameError, FrameReader, frame, pack, unpack_bounded
 
 T_STEP1 = 1
 T_REQUEST = 2
@@ -35,7 +34,9 @@ WRITER_LEN = 8
 MAX_KEY = 128
 MAX_SIG = 128
 MAX_SEQ = (1 << 53) - 1
-LEN = struct.Struct(">I")
+
+__all__ = ["LEN", "FrameDecoder", "Records", "Request", "SignedUpdate", "Step1",
+           "SyncProtocolError", "decode_body", "encode", "encode_records"]
 
 WriterKey = tuple[bytes, bytes]  # (author peer-id bytes, writer incarnation)
 
@@ -68,7 +69,7 @@ class SignedUpdate:
 
     def to_bytes(self) -> bytes:
         """Self-contained encoding for the on-disk log."""
-        return msgpack.packb([self.doc_id, *self.wire()], use_bin_type=True)
+        return pack([self.doc_id, *self.wire()])
 
     @classmethod
     def from_bytes(cls, data: bytes, limits: CrdtLimits) -> SignedUpdate:
@@ -109,8 +110,7 @@ def encode(msg: Message) -> bytes:
         body = [T_REQUEST, msg.doc_id, [list(r) for r in msg.ranges]]
     else:
         body = [T_RECORDS, msg.doc_id, [r.wire() for r in msg.records]]
-    data = msgpack.packb(body, use_bin_type=True)
-    return LEN.pack(len(data)) + data
+    return frame(pack(body))
 
 
 def encode_records(doc_id: str, records: list[SignedUpdate], limits: CrdtLimits) -> list[bytes]:
@@ -131,16 +131,15 @@ def encode_records(doc_id: str, records: list[SignedUpdate], limits: CrdtLimits)
 
 
 def _unpack(data: bytes, limits: CrdtLimits) -> Any:
+    """Bounded msgpack decode. No body of this protocol holds a map: the field checks below
+    refuse one wherever it appears (the shared helper bounds maps like arrays while decoding)."""
     n = limits.max_frame_bytes
     try:
-        return msgpack.unpackb(
-            data, raw=False, use_list=True, strict_map_key=True,
-            max_bin_len=n, max_str_len=MAX_DOC_ID, max_array_len=max(
-                limits.max_records_per_frame, limits.max_writers_per_doc, 8),
-            max_map_len=0, max_ext_len=0,
-        )
-    except Exception as exc:  # msgpack raises many types (ValueError, ExtraData, TypeError ...)
-        raise SyncProtocolError(f"undecodable body: {type(exc).__name__}") from None
+        return unpack_bounded(
+            data, max_items=max(limits.max_records_per_frame, limits.max_writers_per_doc, 8),
+            max_str=MAX_DOC_ID, max_bin=n, max_bytes=n)
+    except FrameError as exc:
+        raise SyncProtocolError(f"undecodable body: {exc}") from None
 
 
 def _doc_id(v: Any) -> str:
@@ -218,18 +217,11 @@ class FrameDecoder:
 
     def __init__(self, limits: CrdtLimits) -> None:
         self._limits = limits
-        self._buf = bytearray()
+        self._reader = FrameReader(limits.max_frame_bytes)
 
     def feed(self, data: bytes) -> list[Message]:
-        self._buf += data
-        out: list[Message] = []
-        while len(self._buf) >= LEN.size:
-            (n,) = LEN.unpack_from(self._buf)
-            if n > self._limits.max_frame_bytes:
-                raise SyncProtocolError(f"frame of {n} bytes exceeds {self._limits.max_frame_bytes}")
-            if len(self._buf) < LEN.size + n:
-                break
-            body = bytes(self._buf[LEN.size:LEN.size + n])
-            del self._buf[:LEN.size + n]
-            out.append(decode_body(body, self._limits))
-        return out
+        try:
+            bodies = self._reader.feed(data)
+        except FrameError as exc:
+            raise SyncProtocolError(str(exc)) from None
+        return [decode_body(body, self._limits) for body in bodies]

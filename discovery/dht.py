@@ -5,10 +5,16 @@ Per served model we publish a provider record under a CID derived from the compa
 listing every model we serve. The signed record is served by the provider itself on
 ``/latentlink/record/1.0.0`` (a copy is also stored, best effort, on the peers that hold our
 provider records). A lookup trusts only the signed record: a provider whose record does not verify,
-does not list the key, is expired or is a withdrawal tombstone is dropped, and so is one that does
-not answer within ``probe_timeout_s`` — fetching the record from the provider *is* the reachability
-probe, and its round trip is the latency we report. A provider that stops therefore vanishes from
-lookups at once, and at the latest when its record's TTL runs out.
+does not list the key (or the role asked for), is expired or is a withdrawal tombstone is dropped,
+and so is one that does not answer within ``probe_timeout_s`` — fetching the record from the
+provider *is* the reachability probe, and its round trip is the latency we report. A provider that
+stops therefore vanishes from lookups at once, and one that stops refreshing its record
+(:meth:`Discovery.stop_refreshing`) when the record's TTL runs out.
+
+Every peer is a suspect: a lookup fetches at most ``max_probes_per_lookup`` records, most promising
+providers first (:func:`plan_probes`), and stops once it has ``limit`` good ones; our DHT server
+stores values only in our own namespace (:mod:`discovery.strict_kad`). Each refusal is logged with
+its reason and reported through ``on_refuse(reason)`` (the node counts them in /metrics).
 
 Why the DHT plumbing is ours rather than py-libp2p's (0.8.1; DESIGN.md §7):
 
@@ -30,10 +36,11 @@ Why the DHT plumbing is ours rather than py-libp2p's (0.8.1; DESIGN.md §7):
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import trio
@@ -41,11 +48,12 @@ import varint
 from libp2p.abc import IHost
 from libp2p.crypto.keys import KeyPair
 from libp2p.kad_dht.common import MAX_DHT_MESSAGE_SIZE, PROTOCOL_ID
-from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
+from libp2p.kad_dht.kad_dht import DHTMode
 from libp2p.kad_dht.pb.kademlia_pb2 import Message
-from libp2p.kad_dht.utils import sort_peer_ids_by_distance
+from libp2p.kad_dht.utils import sort_peer_ids_by_distance, xor_distance
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
+from libp2p.records.record import make_signed_put_record
 from libp2p.tools.anyio_service import background_trio_service
 from libp2p.utils.varint import read_varint_prefixed_bytes_limited
 from multiaddr import Multiaddr
@@ -56,18 +64,19 @@ from discovery.records import (
     RecordError,
     RecordValidator,
     make_record,
+    normalize_roles,
     parse_record,
     provider_key_bytes,
     record_key,
 )
 from discovery.signature import ModelSignature
-from discovery.streamio import frame, read_frame
+from discovery.streamio import FrameError, frame, read_frame
+from discovery.strict_kad import StrictKadDHT
 
 RECORD_PROTOCOL = "/latentlink/record/1.0.0"
 K = 20  # Kademlia replication factor: provider records go to the K closest peers
-ALPHA = 8  # queries in flight per lookup
+ALPHA = 8  # queries in flight per lookup; also the fewest record probes kept in flight
 LOOKUP_QUORUM = 8  # a lookup ends once this many of the closest known peers have answered
-LOOKUP_MAX_ROUNDS = 10
 RPC_TIMEOUT_S = 5.0  # one DHT request/response; generous because 2-vCPU hosts run many nodes
 LOOKUP_TIMEOUT_S = 15.0  # a whole lookup; what it found by then is returned
 PROBE_CACHE_S = 5.0  # a verified record is reused this long while its provider stays connected
@@ -76,6 +85,8 @@ WALK_FIRST_S, WALK_MAX_S = 1.0, 60.0  # self-lookup period: doubles from first t
 ANNOUNCE_FIRST_S = 2.0  # full re-announce period after advertise: doubles up to refresh_interval_s
 PEERSTORE_ADDR_TTL_S = 3600
 JITTER = 0.25  # +-25% on every period, so nodes started together do not re-announce in lockstep
+STREAM_CLOSE_S = 1.0  # a probe stream closed while its lookup is cancelled gets this long
+log = logging.getLogger("discovery.dht")
 
 
 def _jitter(period: float) -> float:
@@ -91,36 +102,69 @@ class Provider:
     reachability: str  # "direct" | "relayed"
     latency_ms: float | None
     signature: ModelSignature
+    roles: tuple[str, ...] = ()  # what its signed record says it serves besides the model
 
 
 @dataclass(frozen=True)
 class DiscoverySettings:
+    """The ``[dht]`` config section as discovery needs it (defaults mirror meshnode.config)."""
+
     mode: str = "auto"
     record_ttl_s: float = 600.0
     refresh_interval_s: float = 300.0
     probe_timeout_s: float = 2.0
     max_record_bytes: int = 16 * 1024
+    max_probes_per_lookup: int = 16
 
 
 OpCallback = Callable[[str, bool], None]
+RefuseCallback = Callable[[str], None]
+
+
+def plan_probes(candidates: Iterable[ID], me: ID, connected: set[ID], cached: set[ID],
+                max_probes: int) -> tuple[list[ID], list[ID]]:
+    """Which providers a lookup probes, in order, and which it skips (beyond ``max_probes``).
+
+    Pure (no I/O). Order: ourselves (no network), providers whose verified record is cached (no
+    stream), then connected ones (no dial), then the rest by XOR distance to *our* ID. Distance to
+    us rather than to the key spreads requesters over the providers of a popular model (each
+    requester has its own nearest ones), and a peer that grinds IDs near the key cannot take every
+    requester's probe slots at once. Ties break on the ID, so the plan is deterministic.
+    """
+    me_b = me.to_bytes()
+
+    def rank(p: ID) -> tuple[bool, bool, bool, int, bytes]:
+        b = p.to_bytes()
+        return (p != me, p not in cached, p not in connected, xor_distance(me_b, b), b)
+
+    ordered = sorted(set(candidates), key=rank)
+    return ordered[:max_probes], ordered[max_probes:]
 
 
 class Discovery:
     """DHT capability of a node. Run with ``await nursery.start(discovery.run)``."""
 
     def __init__(self, host: IHost, key_pair: KeyPair, settings: DiscoverySettings,
-                 on_op: OpCallback | None = None) -> None:
+                 on_op: OpCallback | None = None, on_refuse: RefuseCallback | None = None) -> None:
+        """``on_op(op, ok)`` reports each DHT operation; ``on_refuse(reason)`` each refusal of
+        something a peer asked for or offered: ``unknown_namespace`` / ``invalid_record`` (a value
+        PUT to our DHT server), ``invalid_record`` (a probed provider's record), ``probe_limit``
+        (a lookup candidate beyond the bound). Refusals are also logged, with the peer where
+        there is one (per probe at debug level: a lapsed provider is refused on every lookup)."""
         self.host, self.key_pair, self.s = host, key_pair, settings
         self.peer_id = host.get_id()
+        self._on_op: OpCallback = on_op or (lambda op, ok: None)
+        self._on_refuse: RefuseCallback = on_refuse or (lambda reason: None)
         # Reachability is decided by the NAT module; until it reports, a node on a reachable
         # address (loopback/LAN here) acts as a server.
         mode = DHTMode.CLIENT if settings.mode == "client" else DHTMode.SERVER
-        self.dht = KadDHT(host, mode)
-        self.dht.register_validator(NAMESPACE, RecordValidator(settings.max_record_bytes))
+        self.dht = StrictKadDHT(host, mode, {NAMESPACE: RecordValidator(settings.max_record_bytes)},
+                                self._on_refuse)
         self.served: dict[str, ModelSignature] = {}
+        self.roles: tuple[str, ...] = ()
         self._seq = int(time.time() * 1000)
-        self._on_op: OpCallback = on_op or (lambda op, ok: None)
         self._record: bytes | None = None
+        self._refreshing = True  # False after stop_refreshing(): our record is left to expire
         # compat key -> peer -> when we last sent it our provider record (trio clock).
         self._told: dict[str, dict[ID, float]] = {}
         self._announce_now = trio.Event()
@@ -203,7 +247,7 @@ class Discovery:
             with trio.move_on_at(next_full):
                 await self._announce_now.wait()
             self._announce_now = trio.Event()
-            if not self.served:
+            if not self.served or not self._refreshing:
                 next_full = math.inf
                 continue
             if self._restart_backoff:  # publish() just ran a full announce
@@ -229,7 +273,7 @@ class Discovery:
 
     def _sign(self) -> bytes:
         self._record = make_record(self.key_pair, list(self.served.values()), self._addrs(),
-                                   self._next_seq(), self.s.record_ttl_s)
+                                   self._next_seq(), self.s.record_ttl_s, roles=self.roles)
         return self._record
 
     async def advertise(self, signature: ModelSignature) -> None:
@@ -237,8 +281,34 @@ class Discovery:
         self.served[signature.compat_key] = signature
         await self.publish()
 
+    async def set_roles(self, roles: Sequence[str]) -> None:
+        """Advertise the roles this node serves (e.g. ``["apply"]``); any short ASCII tokens.
+
+        Bad roles raise :class:`~discovery.records.RecordError` (a ``ValueError``) before anything
+        changes. If the set changed and we serve a model, the record is re-signed (probes fetch
+        it from us) and the new copy pushed to the peers holding our provider records.
+        """
+        new = normalize_roles(roles)
+        if new == self.roles:
+            return
+        self.roles = new
+        if self.served:
+            self._refreshing = True
+            await self._push_record(self._sign())
+
+    def stop_refreshing(self) -> None:
+        """Let our advertisement lapse without a tombstone (draining; the TTL test).
+
+        No more re-announces and no more lazy re-signing: the record we serve runs out at its TTL
+        and lookups drop us from then on, while connections and sessions carry on. Unlike
+        :meth:`withdraw` nothing is pushed, so a peer that already trusts our record may keep
+        using it until it expires. :meth:`advertise`, :meth:`publish` and :meth:`set_roles` resume.
+        """
+        self._refreshing = False
+
     async def publish(self) -> None:
         """Re-sign our record and announce every served key to its closest peers (full lookup)."""
+        self._refreshing = True
         self._sign()
         await self._announce(full=True)
         self._restart_backoff = True  # re-announce soon, then ever more rarely (_announce_loop)
@@ -277,7 +347,7 @@ class Discovery:
                     told[pid] = trio.current_time()
                     sent += 1
                     if full and record is not None:
-                        await self.dht.value_store._store_at_peer(pid, record_key(self.peer_id).encode(), record)
+                        await self._store_copy(pid, record)
 
         await _bounded_gather(tell, due, ALPHA)
         if due:
@@ -294,19 +364,31 @@ class Discovery:
         self.served.clear()
         tombstone = self._sign()
         self.dht.value_store.put(record_key(self.peer_id).encode(), tombstone)
+        await self._push_record(tombstone)
+        self._told.clear()
+
+    async def _push_record(self, record: bytes) -> None:
+        """Store ``record`` at the peers we told about our provider records (best effort)."""
         peers = sorted({p for told in self._told.values() for p in told}, key=str)[:K]
 
         async def push(pid: ID) -> None:
             with trio.move_on_after(1.0):
-                await self.dht.value_store._store_at_peer(pid, record_key(self.peer_id).encode(), tombstone)
+                await self._store_copy(pid, record)
 
         await _bounded_gather(push, peers, ALPHA)
-        self._told.clear()
+
+    async def _store_copy(self, pid: ID, record: bytes) -> bool:
+        """PUT_VALUE our signed record at ``pid``. The libp2p record is built here: without one,
+        py-libp2p's ``_store_at_peer`` sends whatever its local store holds under the key (after a
+        withdrawal: the old tombstone) instead of ``record``."""
+        key = record_key(self.peer_id).encode()
+        put = make_signed_put_record(key, record, self.host.get_private_key())
+        return await self.dht.value_store._store_at_peer(pid, key, record, record=put)
 
     async def _serve_record(self, stream) -> None:
         try:
             record = self._record
-            if record is not None and self.served:
+            if record is not None and self.served and self._refreshing:
                 # Refresh the expiry lazily so a long-lived node never serves an expired record.
                 try:
                     parse_record(record, self.s.max_record_bytes, now=time.time() + 1.0)
@@ -319,31 +401,57 @@ class Discovery:
             await stream.close()
 
     # -- lookup ----------------------------------------------------------------------------------
-    async def find(self, compat_key: str, limit: int = 20, include_self: bool = False) -> list[Provider]:
-        """Providers of ``compat_key`` whose signed record lists it and who answered the probe."""
+    async def find(self, compat_key: str, limit: int = 20, include_self: bool = False,
+                   role: str | None = None) -> list[Provider]:
+        """Providers of ``compat_key`` whose signed record lists it (and ``role``, when given) and
+        who answered the probe, nearest first.
+
+        At most ``max_probes_per_lookup`` providers are probed, in :func:`plan_probes` order; the
+        rest are skipped (each one reported as ``probe_limit``). Probes run in a window of
+        ``max(limit, ALPHA)`` (a failed or unsuitable one makes room for the next), and the lookup
+        stops as soon as ``limit`` good results are in — the fastest of the most promising.
+        """
+        if limit <= 0:
+            return []
         candidates = await self._provider_ids(compat_key)
         if not include_self:
             candidates.pop(self.peer_id, None)
+        self._prune_probed()
+        connected = set(self.host.get_connected_peers())
+        to_probe, skipped = plan_probes(candidates, self.peer_id, connected, set(self._probed),
+                                        self.s.max_probes_per_lookup)
+        if skipped:
+            for _ in skipped:
+                self._on_refuse("probe_limit")
+            log.info("lookup probe limit reached", extra={"kv": {
+                "reason": "probe_limit", "key": compat_key[:16], "probed": len(to_probe),
+                "skipped": len(skipped)}})
         results: list[Provider] = []
+        queue = iter(to_probe)
 
-        async def check(pid: ID) -> None:
-            got = await self._fetch_record(pid, candidates[pid])
-            if got is None:
-                return
-            rec, latency = got
-            if not rec.serves(compat_key):
-                return
-            sig = next(m for m in rec.models if m.compat_key == compat_key)
-            addrs = rec.addrs
-            relayed = bool(addrs) and all("/p2p-circuit" in a for a in addrs)
-            results.append(Provider(str(pid), addrs, "relayed" if relayed else "direct", latency, sig))
+        async def prober(done: trio.CancelScope) -> None:
+            for pid in queue:  # shared by every prober: each takes the next candidate
+                got = await self._fetch_record(pid, candidates[pid])
+                provider = _provider(pid, got, compat_key, role)
+                if provider is not None:
+                    results.append(provider)
+                    if len(results) >= limit:
+                        done.cancel()
+                        return
 
         async with trio.open_nursery() as n:
-            for pid in candidates:
-                n.start_soon(check, pid)
+            for _ in range(min(max(limit, ALPHA), len(to_probe))):
+                n.start_soon(prober, n.cancel_scope)
         self._on_op("find", bool(results))
         results.sort(key=lambda p: (p.latency_ms is None, p.latency_ms or 0.0, p.peer_id))
         return results[:limit]
+
+    def _prune_probed(self) -> None:
+        """Forget cached probes older than ``PROBE_CACHE_S`` (they are never used again), so the
+        cache holds at most the providers probed in the last few seconds."""
+        now = trio.current_time()
+        for pid in [p for p, (at, _, _) in self._probed.items() if now - at >= PROBE_CACHE_S]:
+            del self._probed[pid]
 
     async def _provider_ids(self, compat_key: str) -> dict[ID, list[Multiaddr]]:
         """Provider peer IDs (deduplicated) with the addresses the DHT gave for them.
@@ -431,7 +539,10 @@ class Discovery:
         lookup path does not open a stream per provider per lookup (~5 ms each, DESIGN.md §7.9).
         """
         if pid == self.peer_id:
-            return (parse_record(self._record, self.s.max_record_bytes), None) if self._record else None
+            try:
+                return (parse_record(self._record, self.s.max_record_bytes), None) if self._record else None
+            except RecordError:  # our own record lapsed (stop_refreshing): we do not serve it
+                return None
         cached = self._probed.get(pid)
         if cached is not None:
             at, rec, latency = cached
@@ -453,18 +564,44 @@ class Discovery:
                 try:
                     body = await read_frame(stream, self.s.max_record_bytes)
                 finally:
-                    await stream.close()
+                    await _close(stream)
                 latency = (time.perf_counter() - t) * 1e3
                 if not body:
                     return None
                 rec = parse_record(body, self.s.max_record_bytes, key=record_key(pid))
                 self._probed[pid] = (trio.current_time(), rec, latency)
                 return rec, latency
-            except RecordError:
+            except (RecordError, FrameError) as exc:  # forged, expired, oversized, malformed
                 self._on_op("record_rejected", False)
-            except Exception:
+                self._on_refuse("invalid_record")
+                log.debug("probed record refused", extra={"kv": {
+                    "reason": "invalid_record", "peer": str(pid), "detail": str(exc)}})
+            except Exception:  # dial or stream failure: the probe failed, the provider is dropped
                 pass
         return None
+
+
+def _provider(pid: ID, got: tuple[ModelRecord, float | None] | None, compat_key: str,
+              role: str | None) -> Provider | None:
+    """The lookup result for a probed provider, or None if its record does not qualify."""
+    if got is None:
+        return None
+    rec, latency = got
+    if not rec.serves(compat_key) or (role is not None and role not in rec.roles):
+        return None
+    sig = next(m for m in rec.models if m.compat_key == compat_key)
+    relayed = bool(rec.addrs) and all("/p2p-circuit" in a for a in rec.addrs)
+    return Provider(str(pid), rec.addrs, "relayed" if relayed else "direct", latency, sig, rec.roles)
+
+
+async def _close(stream) -> None:
+    """Close a probe stream even while the lookup is being cancelled (a probe over its timeout,
+    or one still running when ``limit`` results are in), so no half-open stream is left behind."""
+    with trio.CancelScope(shield=True), trio.move_on_after(STREAM_CLOSE_S):
+        try:
+            await stream.close()
+        except Exception:  # the connection is gone: nothing left to close
+            pass
 
 
 def _peer_info(p: Message.Peer) -> PeerInfo | None:

@@ -67,7 +67,10 @@ class HostSection:
     max_connections: int = _f(256, 1, 100000)
     max_connections_per_peer: int = _f(1, 1, 64, doc="1 avoids py-libp2p's 250 ms connect stall")
     peer_exchange_interval_s: float = _f(1.0, 0.05, 3600.0, doc="how often to learn/dial peers of peers")
-    max_peer_exchange: int = _f(64, 0, 10000, doc="max peers returned/dialled per exchange")
+    max_peer_exchange: int = _f(64, 0, 10000, doc="max peers returned per exchange")
+    pex_dials_per_round: int = _f(8, 0, 10000, doc="most peer-exchange dials started per round")
+    pex_dial_backoff_s: float = _f(30.0, 0.0, 86400.0, doc="a peer whose PEX dial failed is not "
+                                   "dialled again before this (doubles per failure, up to 32x)")
 
 
 @dataclass(frozen=True)
@@ -94,9 +97,18 @@ class LimitsSection:
     allowlist: list[str] = _f([], doc="peer IDs allowed to open sessions; empty = everyone")
     denylist: list[str] = _f([], doc="peer IDs always refused")
     shared_token: str = _f("", doc="optional token a peer must present at handshake")
-    messages_per_s: float = _f(200.0, 0.001, 1e9)
-    bytes_per_s: float = _f(float(16 * GiB), 1.0, 1e15)
-    max_sessions_per_peer: int = _f(8, 1, 10000)
+    messages_per_s: float = _f(200.0, 0.001, 1e9, doc="incoming tensor messages per second per peer")
+    bytes_per_s: float = _f(float(4 * GiB), 1.0, 1e15, doc="incoming payload bytes per second per peer")
+    max_sessions_per_peer: int = _f(8, 1, 10000, doc="live tensor sessions per peer (a slot is freed "
+                                    "once the session's tasks ended and its stream is closed)")
+    max_sessions: int = _f(256, 1, 1000000, doc="live tensor sessions in total")
+    max_unaccepted_sessions: int = _f(16, 1, 100000, doc="incoming sessions waiting for the "
+                                      "application to accept them; more are refused at once")
+    inflight_bytes: int = _f(4 * GiB, 1 * MiB, 1 << 50, doc="payload bytes received and not yet "
+                             "taken by the application, all peers together")
+    inflight_bytes_per_peer: int = _f(2 * GiB, 1 * MiB, 1 << 50, doc="the same, per peer; a message "
+                                      "larger than this is received only into a sink (bounded memory)")
+    messages_in_flight: int = _f(8, 1, 4096, doc="incomplete incoming messages per session")
 
 
 @dataclass(frozen=True)
@@ -107,14 +119,7 @@ class DhtSection:
     refresh_interval_s: float = _f(300.0, 0.5, 86400.0, doc="re-advertise before TTL expires")
     probe_timeout_s: float = _f(2.0, 0.05, 120.0, doc="unreachable providers are filtered after this")
     max_record_bytes: int = _f(16 * KiB, 256, 1 * MiB)
-
-
-@dataclass(frozen=True)
-class RelaySection:
-    enabled: bool = _f(False, doc="act as a Circuit Relay v2 hop for others")
-    max_circuit_bytes: int = _f(1 * GiB, 1, 1 << 50)
-    max_circuit_duration_s: float = _f(3600.0, 1.0, 86400.0)
-    max_reservations: int = _f(64, 0, 100000)
+    max_probes_per_lookup: int = _f(16, 1, 10000, doc="providers whose record a lookup fetches")
 
 
 @dataclass(frozen=True)
@@ -123,21 +128,41 @@ class CrdtSection:
     max_document_bytes: int = _f(64 * MiB, 1 * KiB, 16 * GiB)
     fsync: str = _f("batch", choices=("always", "batch", "never"))
     anti_entropy_interval_s: float = _f(5.0, 0.05, 86400.0)
+    outcome_wait_s: float = _f(10.0, 0.1, 3600.0, doc="a receiver's outcome waits this long for the "
+                               "sender's session document to replicate before it is dropped")
+    max_links_per_peer: int = _f(2, 1, 64, doc="CRDT streams kept per peer (ours + theirs)")
+    max_links: int = _f(256, 1, 100000, doc="CRDT streams in total")
+    max_documents_per_peer: int = _f(64, 1, 1000000, doc="session documents another peer may "
+                                     "create with us as a participant")
+    updates_per_peer_per_s: float = _f(500.0, 0.001, 1e9, doc="CRDT records accepted per second "
+                                       "per peer (burst = one second's worth)")
 
 
 @dataclass(frozen=True)
 class TransportSection:
     path: str = _f("auto", choices=("auto", "shm", "bulk", "stream"), doc="force a data path")
-    bulk_listen_host: str = _f("0.0.0.0", doc="bulk lane bind address")
+    bulk_listen_host: str = _f("", doc="bulk lane bind address; empty = the IPs of host.listen_addrs")
     bulk_port: int = _f(0, 0, 65535, doc="0 = ephemeral")
     shm_enabled: bool = _f(True)
     shm_ring_bytes: int = _f(64 * MiB, 1 * MiB, 16 * GiB)
     recv_window_bytes: int = _f(64 * MiB, 64 * KiB, 16 * GiB, doc="credits granted to a sender")
-    transfer_timeout_s: float = _f(120.0, 0.1, 86400.0)
+    transfer_timeout_s: float = _f(120.0, 0.1, 86400.0, doc="a sent message not acknowledged by "
+                                   "then is reported failed")
+    progress_timeout_s: float = _f(30.0, 0.1, 86400.0, doc="an incoming message with no new chunk "
+                                   "(or DIGEST) for this long is rejected and its memory freed")
     peer_paths: list[str] = _f([], doc="per-peer path override, '<peer id>=auto|shm|bulk|stream'")
     lane_connect_timeout_s: float = _f(5.0, 0.05, 600.0, doc="bulk/shm lane connect + key proof")
     lane_socket_buffer_bytes: int = _f(4 * MiB, 64 * KiB, 1 * GiB, doc="SO_SNDBUF/SO_RCVBUF of lanes")
     lane_retry_s: float = _f(30.0, 0.0, 86400.0, doc="a lane that failed is tried again after this long")
+    max_lanes_per_session: int = _f(4, 1, 64, doc="incoming data lanes (one thread each) per session")
+    lane_preauth_max: int = _f(64, 1, 100000, doc="lane sockets not yet authenticated, at once; the "
+                               "oldest is dropped when one more arrives")
+    lane_preauth_timeout_s: float = _f(2.0, 0.05, 600.0, doc="a lane socket must prove the session "
+                                       "key within this long")
+    lane_accept_backoff_s: float = _f(0.1, 0.0, 60.0, doc="pause after a failed accept (e.g. EMFILE) "
+                                      "before accepting again")
+    close_timeout_s: float = _f(1.0, 0.01, 60.0, doc="how long an ending session may take to deliver "
+                                "its CLOSE/ABORT before its stream is reset")
     inline_max_bytes: int = _f(256 * KiB, 0, 1 * GiB, doc="under path=auto, payloads up to this size "
                                "go on the libp2p stream (lower latency than a lane for small messages)")
     stream_read_bytes: int = _f(8 * MiB, 64 * KiB, 256 * MiB, doc="libp2p stream read size")
@@ -153,7 +178,6 @@ class RuntimeSection:
     dtype: str = _f("float32", choices=("float32", "bfloat16", "float16"))
     num_threads: int = _f(1, 1, 1024, doc="torch threads; must match on both sides for bitwise equality")
     cache_dir: str = _f("", doc="converted-model cache (GGUF -> safetensors); empty = <data_dir>/models")
-    device: str = _f("cpu")
 
 
 @dataclass(frozen=True)
@@ -164,7 +188,6 @@ class Config:
     protocol: ProtocolSection = field(default_factory=ProtocolSection)
     limits: LimitsSection = field(default_factory=LimitsSection)
     dht: DhtSection = field(default_factory=DhtSection)
-    relay: RelaySection = field(default_factory=RelaySection)
     crdt: CrdtSection = field(default_factory=CrdtSection)
     transport: TransportSection = field(default_factory=TransportSection)
     runtime: RuntimeSection = field(default_factory=RuntimeSection)
@@ -316,6 +339,9 @@ def _cross_checks(cfg: Config, origin: Mapping[str, str]) -> None:
     except ValueError as exc:
         raise ConfigError("transport.peer_paths", origin.get("transport.peer_paths", "default"),
                           str(exc)) from None
+    if cfg.limits.inflight_bytes < cfg.limits.inflight_bytes_per_peer:
+        raise ConfigError("limits.inflight_bytes", origin.get("limits.inflight_bytes", "default"),
+                          "must be >= limits.inflight_bytes_per_peer")
     if not cfg.host.listen_addrs:
         raise ConfigError("host.listen_addrs", origin.get("host.listen_addrs", "default"),
                           "at least one listen address is required")
@@ -360,17 +386,3 @@ def load_config(path: str | os.PathLike[str] | None = None,
         k, v = item.split("=", 1)
         b.set(k.strip(), v, "command line", from_text=True)
     return b.build()
-
-
-def describe() -> list[tuple[str, str, Any, str]]:
-    """(key, type, default, doc) for every setting; used by ``meshnode config --list`` and docs."""
-    out = []
-    b = _Builder()
-    for s in b.sections:
-        hints = get_type_hints(b.sections[s])
-        defaults = b.sections[s]()
-        for name, f in b.fields(s).items():
-            typ = hints[name]
-            tname = getattr(typ, "__name__", str(typ)) if get_origin(typ) is None else "list[str]"
-            out.append((f"{s}.{name}", tname, getattr(defaults, name), f.metadata.get("doc", "")))
-    return out

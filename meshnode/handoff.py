@@ -32,8 +32,9 @@ import torch
 import trio
 
 from meshnode.runtime.buffers import TensorSlice, dtype_name, tensor_bytes, tensors_from_buffer
-from meshnode.tensor_service import Received, Sent, SessionClosed, TensorSession
+from meshnode.tensor import APPLY_ROLE, Received, Sent, SessionClosed, TensorSession
 from tensor_rpc import ApplyMode, Kind
+from tensor_rpc.envelope import Envelope
 
 if TYPE_CHECKING:
     from meshnode.node import Node
@@ -47,12 +48,11 @@ Emit = Callable[[dict[str, Any]], Any]
 
 # -- the two conversions ---------------------------------------------------------------------------
 async def send_state(ts: TensorSession, tensors: dict[str, torch.Tensor], meta: dict[str, Any], *,
-                     node: Node | None = None, path: str | None = None,
-                     timeout_s: float | None = None) -> Sent:
+                     path: str | None = None, timeout_s: float | None = None) -> Sent:
     """Send runtime ``tensors`` + ``meta`` as one message; returns once the peer acked the checksums.
 
-    ``node``: log the transfer (path, bytes, time, checksums) in the session's CRDT log.
-    ``path``: force a data path (``"stream"``, ``"bulk"``, ``"shm"``) where the session supports it.
+    The node's session log records the transfer (path, bytes, time, checksums) in the session's
+    CRDT log. ``path``: force a data path (``"stream"``, ``"bulk"``, ``"shm"``).
     """
     kind = Kind(meta["kind"])
     layers = (int(meta["layer_start"]), int(meta["layer_end"]))
@@ -63,30 +63,33 @@ async def send_state(ts: TensorSession, tensors: dict[str, torch.Tensor], meta: 
     sent = await ts.send(items, kind=kind, layers=layers, tokens=tokens, meta=extra,
                          apply=ApplyMode(meta.get("apply", "OVERWRITE")), gain=meta.get("gain"),
                          batch_slot=int(meta.get("batch", 0)), timeout_s=timeout_s, **kw)
-    if node is not None:
-        node.record_sent(ts, sent, kind.value, layers, tokens)
     return sent
+
+
+def runtime_meta(h: Envelope) -> dict[str, Any]:
+    """The runtime meta dict of an envelope: its meta map plus the semantics from its fields."""
+    meta = dict(h.meta)
+    meta.update(kind=h.kind.value, apply=h.apply.value, layer_start=h.layers[0], layer_end=h.layers[1],
+                token_start=h.tokens[0], token_end=h.tokens[1], batch=h.batch_slot)
+    if h.gain is not None:
+        meta["gain"] = h.gain
+    return meta
 
 
 def received_to_runtime(rec: Received) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Zero-copy tensors over the received buffer, and the runtime meta rebuilt from the envelope.
 
-    The tensors view ``rec``'s memory: keep them (or a cache built from them) only as long as the
-    transport leaves that buffer alone.
+    The tensors view ``rec``'s memory, which stays the application's until ``rec.release()``:
+    a cache built from them may live as long as it likes. Raises ``KVMismatch`` for tensors that
+    do not fit their declared dtype/shape.
     """
-    h = rec.header
     tensors: dict[str, torch.Tensor] = {}
     with warnings.catch_warnings():  # read-only buffers are fine: the runtime never writes in place
         warnings.filterwarnings("ignore", message=".*not writable.*")
         for spec, view in rec.tensors:
             sl = TensorSlice(spec.name, spec.dtype, tuple(spec.shape), 0, spec.byte_length)
             tensors.update(tensors_from_buffer(view, [sl]))
-    meta = dict(h.meta)
-    meta.update(kind=h.kind.value, apply=h.apply.value, layer_start=h.layers[0], layer_end=h.layers[1],
-                token_start=h.tokens[0], token_end=h.tokens[1], batch=h.batch_slot)
-    if h.gain is not None:
-        meta["gain"] = h.gain
-    return tensors, meta
+    return tensors, runtime_meta(rec.header)
 
 
 # -- helpers ---------------------------------------------------------------------------------------
@@ -118,51 +121,82 @@ def _fork(lm: LoadedModel, state: Any) -> Any:
 
 
 # -- roles -----------------------------------------------------------------------------------------
+def receive_kv(node: Node, lm: LoadedModel, n_tokens: int) -> None:
+    """Make ``node`` a KV receiver for ``lm``: it serves the ``apply`` role (advertised in the DHT),
+    declares its runtime terms in every handshake, and refuses, at the header and before the
+    payload moves, any message this runtime could never apply (wrong dtype, shape, layer range,
+    next token...) with a REJECT that names the reason."""
+    from meshnode.node import runtime_terms
+    from meshnode.runtime import kv
+
+    def check(env: Envelope) -> None:
+        kind = env.kind.value
+        if kind not in (kv.KIND_FULL, kv.KIND_DELTA):
+            raise kv.KVMismatch(f"this receiver applies {kv.KIND_FULL} and {kv.KIND_DELTA}, not {kind}")
+        kv.check_header(lm, kind, env.tensors, runtime_meta(env), need_next_token=n_tokens > 0)
+
+    node.serve(lm.signature, accept=True, terms=runtime_terms(lm), header_check=check)
+
+
 async def serve_receiver(node: Node, lm: LoadedModel, n_tokens: int, emit: Emit,
                          sessions: int | None = None) -> None:
     """Accept sessions; apply every KV message and continue ``n_tokens`` greedy tokens from it.
 
     A KV_CACHE replaces the session's state, a KV_CACHE_DELTA extends it; each continuation runs on
     a fork, so the next delta still lands where the sender's cache ends. ``emit`` gets one dict
-    per event. Returns after ``sessions`` sessions (``None``: forever).
+    per event. Every outcome — applied, or refused with the reason (nothing applied) — goes to the
+    session's CRDT log after the runtime tried. Sessions are served side by side (a peer that
+    holds its session open must not stall the others); the model runs one computation at a time.
+    Returns once ``sessions`` sessions ended (``None``: forever).
     """
-    done = 0
-    while sessions is None or done < sessions:
-        ts = await node.accept_session()
-        emit({"event": "session", "session": ts.session_id, "peer": str(ts.peer_id)})
-        await _receive_session(ts, lm, n_tokens, emit)
-        done += 1
+    receive_kv(node, lm, n_tokens)
+    model = trio.Lock()
+    async with trio.open_nursery() as n:
+        accepted = 0
+        while sessions is None or accepted < sessions:
+            ts = await node.accept_session()
+            accepted += 1
+            emit({"event": "session", "session": ts.session_id, "peer": str(ts.peer_id)})
+            n.start_soon(_receive_session, ts, lm, n_tokens, emit, model)
 
 
-async def _receive_session(ts: TensorSession, lm: LoadedModel, n_tokens: int, emit: Emit) -> None:
-    from meshnode.runtime import kv
+async def _receive_session(ts: TensorSession, lm: LoadedModel, n_tokens: int, emit: Emit,
+                           model: trio.Lock) -> None:
+    from meshnode.runtime import accept, kv
 
     base = None
+    max_pos = accept.layout(lm).max_positions
     while True:
         try:
             rec = await ts.receive()
         except SessionClosed:
             return
-        tensors, meta = received_to_runtime(rec)
+        kind = rec.header.kind.value
         t0 = time.monotonic()
         try:
-            if meta["kind"] == kv.KIND_FULL:
-                base = await in_model_thread(lm, kv.inject, lm, tensors, meta)
-            elif meta["kind"] == kv.KIND_DELTA and base is not None:
-                await in_model_thread(lm, kv.apply_delta, lm, base, tensors, meta)
-            else:
-                raise kv.KVMismatch(f"cannot apply {meta['kind']} here")
+            tensors, meta = received_to_runtime(rec)
+            async with model:
+                if kind == kv.KIND_FULL:
+                    base = await in_model_thread(lm, kv.inject, lm, tensors, meta)
+                elif kind == kv.KIND_DELTA and base is not None:
+                    await in_model_thread(lm, kv.apply_delta, lm, base, tensors, meta)
+                else:
+                    raise kv.KVMismatch(f"cannot apply {kind} here (no snapshot to extend)")
         except kv.KVMismatch as exc:  # verified bytes that do not fit this state: nothing applied
-            emit({"event": "refused", "kind": meta["kind"], "reason": str(exc)})
+            ts.report_refused(rec, str(exc))
+            emit({"event": "refused", "message_id": rec.message_id, "kind": kind, "reason": str(exc)})
             continue
         ready = time.monotonic()
-        out = {"event": "applied", "session": ts.session_id, "message_id": rec.header.message_id,
-               "kind": meta["kind"], "tokens_range": [meta["token_start"], meta["token_end"]],
-               "bytes": len(rec.buffer), "path": rec.path, "receive_s": rec.elapsed_s,
+        ts.report_applied(rec, {"receive_s": rec.elapsed_s, "inject_s": ready - t0})
+        out = {"event": "applied", "session": ts.session_id, "message_id": rec.message_id,
+               "kind": kind, "tokens_range": [meta["token_start"], meta["token_end"]],
+               "bytes": rec.header.payload_bytes, "path": rec.path, "receive_s": rec.elapsed_s,
                "inject_s": ready - t0, "ready_at": ready}
-        if n_tokens > 0:
-            work = await in_model_thread(lm, _fork, lm, base)
-            toks, logits = await in_model_thread(lm, kv.continue_greedy, lm, work, n_tokens)
+        n = n_tokens if max_pos is None else min(n_tokens, max_pos - base.length + 1)
+        if n > 0 and base.next_token is not None:
+            async with model:
+                work = await in_model_thread(lm, _fork, lm, base)
+                toks, logits = await in_model_thread(lm, kv.continue_greedy, lm, work, n)
             out.update(tokens=toks, logits_blake3=logits_digest(logits), text=decode(lm, toks),
                        decode_s=time.monotonic() - ready)
         emit(out)
@@ -205,7 +239,7 @@ async def hand_off(node: Node, lm: LoadedModel, peer: str, prompt_ids: list[int]
 
 async def _send(node: Node, ts: TensorSession, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
                 emit: Emit, path: str | None, capture_s: float) -> Sent:
-    sent = await send_state(ts, tensors, meta, node=node, path=path)
+    sent = await send_state(ts, tensors, meta, path=path)
     emit({"event": "sent", "session": ts.session_id, "message_id": sent.message_id, "kind": meta["kind"],
           "tokens_range": [meta["token_start"], meta["token_end"]], "bytes": sent.nbytes, "path": sent.path,
           "capture_s": capture_s, "transfer_s": sent.elapsed_s, "tensors": len(tensors)})
@@ -213,10 +247,11 @@ async def _send(node: Node, ts: TensorSession, tensors: dict[str, torch.Tensor],
 
 
 async def find_peer(node: Node, lm: LoadedModel, timeout_s: float, emit: Emit | None = None) -> str:
-    """Peer ID of the nearest node serving a model compatible with ``lm`` (DHT lookup, retried)."""
+    """Peer ID of the nearest node that serves a model compatible with ``lm`` *and* the ``apply``
+    role (it will inject the state, not just acknowledge it); DHT lookup, retried."""
     with trio.fail_after(timeout_s):
         while True:
-            found = await node.find_compatible(lm.signature)
+            found = await node.find_compatible(lm.signature, role=APPLY_ROLE)
             if found:
                 if emit is not None:
                     emit({"event": "found", "compat_key": lm.signature.compat_key,

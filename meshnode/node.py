@@ -1,9 +1,11 @@
 """The node: the one place where every capability is composed, as one trio nursery tree.
 
-Read top-down in :meth:`Node.run`: identity → host → (peer exchange, bootstrap, metrics, control
-API, and the services added by later modules) each as a task in the node's own nursery. Stopping
-the node cancels that nursery; every ``finally`` below runs, so temp files and streams are cleaned
-on SIGINT/SIGTERM as well as on errors.
+Read top-down in :meth:`Node.run`: each capability (control API, DHT discovery, tensor sessions,
+CRDT replication, the session log, metrics, bootstrap, peer exchange) has the same
+``run(task_status=...)`` shape and starts with one line, in that order. Capabilities talk through
+typed events on one :class:`~meshnode.bus.EventBus`, never through each other's private fields.
+Stopping the node cancels the nursery; every ``finally`` runs, so temp files and streams are
+cleaned on SIGINT/SIGTERM as well as on errors.
 """
 
 from __future__ import annotations
@@ -25,17 +27,24 @@ from crdt_state import CrdtLimits, CrdtService, UpdateStore
 from discovery.dht import Discovery, DiscoverySettings, Provider
 from discovery.signature import ModelSignature
 from meshnode import control
+from meshnode.bus import EventBus
 from meshnode.config import Config
-from meshnode.host import build_host, listen_multiaddrs
+from meshnode.host import build_host, listen_ips, listen_multiaddrs
 from meshnode.identity import load_or_create_identity, peer_id_of
 from meshnode.logs import get_logger, kv
 from meshnode.metrics import NodeMetrics
 from meshnode.peer_exchange import PeerExchange
-from meshnode.tensor_service import Received, Sent, TensorService, TensorSession
-from tensor_rpc import AccessPolicy, Limits
+from meshnode.session_log import SessionLog
+from meshnode.tensor import APPLY_ROLE, TensorService, TensorSession
+from tensor_rpc import Limits, RuntimeTerms
 
 log = get_logger("meshnode.node")
-OUTCOME_WAIT_S = 10.0  # how long a receiver waits for the sender's session document to replicate
+
+
+def runtime_terms(lm: Any) -> RuntimeTerms:
+    """What a loaded model's runtime accepts, for the handshake (``LoadedModel.accepts``)."""
+    t = lm.accepts
+    return RuntimeTerms(t.kv_dtype, t.threads, tuple(sorted(t.wire_dtypes)))
 
 
 class Node:
@@ -48,36 +57,44 @@ class Node:
         self.key_pair = load_or_create_identity(config.key_path)
         self.peer_id = peer_id_of(self.key_pair)
         self.host = build_host(config.host, self.key_pair)
+        self.bus = EventBus()
         self.metrics = NodeMetrics()
-        self.pex = PeerExchange(self.host, config.host.max_peer_exchange,
-                                config.host.peer_exchange_interval_s, config.host.dial_timeout_s,
-                                on_dial=self._count_dial)
+        h = config.host
+        self.pex = PeerExchange(self.host, h.max_peer_exchange, h.peer_exchange_interval_s,
+                                h.dial_timeout_s, on_dial=self._count_dial,
+                                dials_per_round=h.pex_dials_per_round,
+                                dial_backoff_s=h.pex_dial_backoff_s,
+                                on_refuse=self.metrics.refuser("pex"))
         d = config.dht
         self.discovery: Discovery | None = None
         if d.enabled:
             self.discovery = Discovery(
                 self.host, self.key_pair,
                 DiscoverySettings(d.mode, d.record_ttl_s, d.refresh_interval_s, d.probe_timeout_s,
-                                  d.max_record_bytes),
-                on_op=lambda op, ok: self.metrics.dht_ops.labels(op=op, result="ok" if ok else "failed").inc())
+                                  d.max_record_bytes, max_probes_per_lookup=d.max_probes_per_lookup),
+                on_op=lambda op, ok: self.metrics.dht_ops.labels(op=op, result="ok" if ok else "failed").inc(),
+                on_refuse=self.metrics.refuser("dht"))
         self.limits = Limits.from_config(config)
-        self.tensors = TensorService(self.host, self.key_pair, self.limits, AccessPolicy(self.limits),
-                                     signature, on_event=self._on_tensor_event,
-                                     transport=config.transport)
-        self.crdt_store = UpdateStore(config.data_dir / "crdt", CrdtLimits.from_config(config.crdt))
-        self.crdt = CrdtService(self.host, self.key_pair, self.crdt_store,
-                                CrdtLimits.from_config(config.crdt), config.host.dial_timeout_s)
+        self.tensors = TensorService(self.host, self.key_pair, self.limits, config.transport,
+                                     bus=self.bus, listen_ips=listen_ips(config.host),
+                                     on_refuse=self.metrics.refuser("tensor"))
+        crdt_limits = CrdtLimits.from_config(config.crdt)
+        self.crdt_store = UpdateStore(config.data_dir / "crdt", crdt_limits)
+        self.crdt = CrdtService(self.host, self.key_pair, self.crdt_store, crdt_limits,
+                                config.host.dial_timeout_s, on_refuse=self.metrics.refuser("crdt"))
+        self.session_log = SessionLog(self.crdt, self.bus, config.crdt.outcome_wait_s)
         self.metrics.add_byte_source(
             "crdt", lambda: (self.crdt.stats.bytes_received, self.crdt.stats.bytes_sent))
         self.metrics.add_byte_source("pex", lambda: (self.pex.bytes_in, self.pex.bytes_out))
         self.control_port: int | None = None
         self.started_at = time.time()
         self._stop = trio.Event()
-        self._ready = trio.Event()
         self.model: Any = None  # meshnode.runtime.loader.LoadedModel once [runtime].model is loaded
         self.model_error: str | None = None
         self._model_done = trio.Event()
         self._nursery: trio.Nursery | None = None
+        if signature is not None:
+            self.serve(signature)
 
     # -- lifecycle -------------------------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[Node] = trio.TASK_STATUS_IGNORED) -> None:
@@ -91,14 +108,17 @@ class Node:
                     self.control_port = await nursery.start(server.run)
                 if self.discovery is not None:
                     await nursery.start(self.discovery.run)
+                    if self.roles:
+                        await self.discovery.set_roles(self.roles)
                 await nursery.start(self.tensors.run)
-                await self.crdt.start(nursery)
+                await nursery.start(self._run_crdt)
+                await nursery.start(self.session_log.run)
+                await nursery.start(self.metrics.run, self.bus)
                 if cfg.runtime.model:
                     nursery.start_soon(self._load_model)
                 nursery.start_soon(self._bootstrap)
                 nursery.start_soon(self.pex.run)
                 log.info("node started", extra=kv(peer_id=self.peer_id, addrs=[str(a) for a in self.addrs]))
-                self._ready.set()
                 task_status.started(self)
                 await self._stop.wait()
                 log.info("node stopping", extra=kv(peer_id=self.peer_id))
@@ -114,12 +134,18 @@ class Node:
     def stop(self) -> None:
         self._stop.set()
 
+    async def _run_crdt(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as n:  # CRDT replication; stopped (flushed) in run()
+            await self.crdt.start(n)
+            task_status.started()
+            await trio.sleep_forever()
+
     async def _close_connections(self) -> None:
         network = self.host.get_network()
         for pid in list(self.host.get_connected_peers()):
             try:
                 await network.close_peer(pid)
-            except Exception as exc:
+            except Exception as exc:  # boundary: shutting down, a peer that is gone is fine
                 log.debug("close_peer failed", extra=kv(peer=pid, err=exc))
 
     # -- mesh ------------------------------------------------------------------------------------
@@ -169,99 +195,60 @@ class Node:
         await self.discovery.advertise(signature)
 
     async def find_compatible(self, signature_or_key: ModelSignature | str, limit: int = 20,
-                              ) -> list[Provider]:
-        """Peers serving a model with the same compat key, deduplicated, probed, nearest first."""
+                              role: str | None = None) -> list[Provider]:
+        """Peers serving a model with the same compat key (and ``role``, e.g. ``"apply"``: they
+        take and apply state), deduplicated, probed, nearest first."""
         if self.discovery is None:
             raise RuntimeError("DHT is disabled (dht.enabled = false)")
         key = signature_or_key if isinstance(signature_or_key, str) else signature_or_key.compat_key
-        return await self.discovery.find(key, limit=limit)
+        return await self.discovery.find(key, limit=limit, role=role)
 
     async def _find_route(self, tail: str) -> list[dict[str, Any]] | None:
         if not tail:
             return None
         found = await self.find_compatible(tail)
         return [{"peer_id": p.peer_id, "addrs": list(p.addrs), "reachability": p.reachability,
-                 "latency_ms": p.latency_ms, "family": p.signature.family} for p in found]
+                 "latency_ms": p.latency_ms, "family": p.signature.family, "roles": list(p.roles)}
+                for p in found]
 
     # -- tensor sessions -------------------------------------------------------------------------
     @property
     def signature(self) -> ModelSignature | None:
         return self.tensors.signature
 
-    def serve(self, signature: ModelSignature) -> None:
-        """Declare the model whose state this node exchanges (handshakes compare against it)."""
-        self.tensors.signature = signature
+    @property
+    def roles(self) -> tuple[str, ...]:
+        return (APPLY_ROLE,) if self.tensors.accepting else ()
+
+    def serve(self, signature: ModelSignature, *, accept: bool = True,
+              terms: RuntimeTerms | None = None, header_check: Any = None) -> None:
+        """Declare the model whose state this node exchanges (handshakes compare against it).
+
+        ``accept``: incoming sessions have a consumer (this application calls
+        :meth:`accept_session` and applies what it receives): the node then advertises the
+        ``apply`` role; without it, sessions peers open to us are refused at once, naming why.
+        ``terms``: what the local runtime accepts (KV dtype, threads), declared in the handshake.
+        ``header_check``: raise on a header this application could never apply (rejects that
+        message before its payload moves).
+        """
+        t = self.tensors
+        t.signature, t.accepting = signature, accept
+        if terms is not None:
+            t.terms = terms
+        if header_check is not None:
+            t.header_check = header_check
+        if self.discovery is not None and self._nursery is not None:  # else run() publishes them
+            self._nursery.start_soon(self.discovery.set_roles, self.roles)
 
     async def open_session(self, peer: str | ID) -> TensorSession:
-        """Open an end-to-end encrypted tensor session (the handshake checks model signatures).
-
-        The session is recorded in a replicated CRDT document shared with the peer.
-        """
+        """Open an end-to-end encrypted tensor session (the handshake checks model signatures and
+        runtime terms). The session is recorded in a replicated CRDT document shared with the peer."""
         pid = peer if isinstance(peer, ID) else ID.from_base58(str(peer))
-        ts = await self.tensors.open(pid)
-        assert self.signature is not None
-        try:
-            self.crdt.create_session(ts.session_id, self.signature.compat_key,
-                                     {str(self.peer_id): "sender", str(pid): "receiver"})
-        except Exception as exc:  # metadata must never block the data path
-            log.warning("could not create session document", extra=kv(err=exc))
-        return ts
+        return await self.tensors.open(pid)
 
     async def accept_session(self, timeout_s: float | None = None) -> TensorSession:
-        """Wait for a peer to open a tensor session to us."""
+        """Wait for a peer to open a tensor session to us (needs ``serve(..., accept=True)``)."""
         return await self.tensors.accept(timeout_s)
-
-    def _on_tensor_event(self, what: str, ts: TensorSession, item: Any) -> None:
-        m = self.metrics
-        if what == "received" and isinstance(item, Received):
-            m.transfers.labels(direction="in", path=item.path, result="ok").inc()
-            m.transfer_bytes.labels(direction="in", path=item.path).inc(len(item.buffer))
-            self._record_outcome(ts, str(item.header.message_id), "applied",
-                                 "checksums verified and delivered", {"receive_s": item.elapsed_s})
-        elif what == "rejected":
-            m.transfers.labels(direction="in" if item.local else "out", path="any",
-                               result="rejected").inc()
-            if item.local:
-                self._record_outcome(ts, str(item.message_id), "rejected", str(item.error), {})
-
-    def record_sent(self, ts: TensorSession, sent: Sent, kind: str, layers: tuple[int, int],
-                    tokens: tuple[int, int]) -> None:
-        """Log a completed transfer (path, bytes, time, checksums) in the session's CRDT log."""
-        self.metrics.transfers.labels(direction="out", path=sent.path, result="ok").inc()
-        self.metrics.transfer_bytes.labels(direction="out", path=sent.path).inc(sent.nbytes)
-        try:
-            self.crdt.log_message(
-                ts.session_id, kind=kind, receiver=str(ts.peer_id), message_id=str(sent.message_id),
-                layers=layers, tokens=tokens, nbytes=sent.nbytes, checksums=[c.hex() for c in sent.checksums],
-                path=sent.path, timings={"transfer_s": sent.elapsed_s})
-        except Exception as exc:
-            log.warning("could not log transfer", extra=kv(err=exc))
-
-    def _record_outcome(self, ts: TensorSession, message_id: str, status: str, reason: str,
-                        timings: dict[str, float]) -> None:
-        """The receiver states, in the shared session log, what it accepted (or rejected) and why."""
-        sid = ts.session_id
-        if sid not in self.crdt.engine.replicas and self._nursery is not None:
-            # The sender's session document may still be on its way: record once it arrives.
-            self._nursery.start_soon(self._record_outcome_later, sid, message_id, status, reason, timings)
-            return
-        try:
-            self.crdt.record_outcome(sid, message_id, status, reason, timings)
-        except Exception as exc:  # metadata must never block the data path
-            log.warning("could not record outcome", extra=kv(err=exc))
-
-    async def _record_outcome_later(self, sid: str, message_id: str, status: str, reason: str,
-                                    timings: dict[str, float]) -> None:
-        with trio.move_on_after(OUTCOME_WAIT_S):
-            while sid not in self.crdt.engine.replicas:
-                await trio.sleep(0.05)
-            try:
-                self.crdt.record_outcome(sid, message_id, status, reason, timings)
-            except Exception as exc:
-                log.warning("could not record outcome", extra=kv(err=exc))
-            return
-        log.warning("session document never arrived; outcome not recorded",
-                    extra=kv(session=sid, message=message_id, status=status))
 
     # -- model runtime ---------------------------------------------------------------------------
     async def _load_model(self) -> None:
@@ -288,7 +275,9 @@ class Node:
             self._model_done.set()
             return
         self.model = lm
-        self.serve(lm.signature)
+        # a node that loads a model serves its signature; it takes state from peers only once an
+        # application (``meshnode handoff receive``) calls serve(..., accept=True)
+        self.serve(lm.signature, accept=self.tensors.accepting, terms=runtime_terms(lm))
         self._model_done.set()
         log.info("model loaded", extra=kv(model=rt.model, compat_key=lm.signature.compat_key,
                                           load_s=round(time.monotonic() - t0, 2)))
@@ -352,12 +341,15 @@ class Node:
             "uptime_s": round(time.time() - self.started_at, 3),
             "control_port": self.control_port,
             "model": self._model_status(),
+            "roles": list(self.roles),
+            "tensor": self.tensors.status(),
         }
 
     def _refresh_gauges(self) -> None:
         """Gauges are read only through ``/metrics``, so they are refreshed at scrape time."""
         self.metrics.connections.set(len(self.host.get_connected_peers()))
         self.metrics.streams.set(self._stream_count())
+        self.metrics.set_tensor_status(self.tensors.status())
 
     def _sessions_route(self, tail: str) -> Any:
         if not tail:
@@ -378,6 +370,7 @@ class Node:
             "/metrics": metrics_route,
             "/find": control.async_json_route(self._find_route),
             "/sessions": control.json_route(self._sessions_route),
+            "/tensor": control.json_route(lambda _t: self.tensors.sessions()),
             "/models": control.json_route(lambda _t: sorted(self.discovery.served) if self.discovery else []),
         }
 

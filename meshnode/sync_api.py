@@ -21,7 +21,7 @@ import trio
 from discovery.signature import ModelSignature
 from meshnode.config import Config
 from meshnode.node import Node
-from meshnode.tensor_service import Received, Sent, TensorSession
+from meshnode.tensor import Received, Sent, TensorSession
 
 
 class SyncSession:

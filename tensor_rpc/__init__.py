@@ -6,19 +6,23 @@ stream; transports in ``tensor_rpc.transport`` carry sealed chunks on faster lan
 
 from .access import AccessPolicy, TokenBucket
 from .aead import CIPHERS, Opener, Sealer
+from .budget import ReceiveBudget
 from .envelope import DTYPES, ApplyMode, Envelope, EnvelopeBounds, Kind, TensorSpec
-from .errors import ErrorCode, ProtocolError
+from .errors import ErrorCode, ProtocolError, UsageError
 from .events import (
     AckReceived,
     Closed,
     CreditGranted,
     Event,
     HandshakeComplete,
+    LanesOffered,
+    MessageAbandoned,
     MessageReceived,
     MessageRejected,
     MessageStarted,
 )
-from .handshake import SUPPORTED_VERSIONS, Agreement, Hello
+from .handshake import SUPPORTED_VERSIONS, Agreement, Hello, RuntimeTerms
+from .lanectl import LaneOffer
 from .limits import Limits
 from .message import (
     ChunkSink,
@@ -29,15 +33,16 @@ from .message import (
     PayloadSource,
     checksum,
 )
-from .session import Role, Session, State
+from .session import Role, Session
+from .states import State
 from .tensors import pack_tensors, tensor_source
 
 __all__ = [
     "CIPHERS", "DTYPES", "SUPPORTED_VERSIONS", "AccessPolicy", "AckReceived", "Agreement",
     "ApplyMode", "ChunkSink", "Closed", "CreditGranted", "Envelope", "EnvelopeBounds", "ErrorCode", "Event",
-    "GatherSource", "HandshakeComplete", "Hello", "IncomingMessage", "Kind", "Limits", "MessageReceived",
-    "MessageRejected", "MessageStarted", "MemorySource", "Opener", "OutgoingMessage",
-    "PayloadSource", "ProtocolError", "Role",
-    "Sealer", "Session", "State", "TensorSpec", "TokenBucket", "checksum", "pack_tensors",
-    "tensor_source",
+    "GatherSource", "HandshakeComplete", "Hello", "IncomingMessage", "Kind", "LaneOffer",
+    "LanesOffered", "Limits", "MessageAbandoned", "MessageReceived", "MessageRejected",
+    "MessageStarted", "MemorySource", "Opener", "OutgoingMessage", "PayloadSource",
+    "ProtocolError", "ReceiveBudget", "Role", "RuntimeTerms", "Sealer", "Session", "State",
+    "TensorSpec", "TokenBucket", "UsageError", "checksum", "pack_tensors", "tensor_source",
 ]

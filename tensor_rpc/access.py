@@ -68,7 +68,8 @@ class AccessPolicy:
         self.check_peer(peer_id)
         st = self._state(peer_id)
         if st.sessions >= self.limits.max_sessions_per_peer:
-            raise ProtocolError(ErrorCode.LIMIT, f"peer already has {st.sessions} sessions")
+            raise ProtocolError(ErrorCode.LIMIT, f"peer already has {st.sessions} sessions "
+                                "(limits.max_sessions_per_peer)")
         st.sessions += 1
 
     def release(self, peer_id: str) -> None:

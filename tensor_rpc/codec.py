@@ -1,21 +1,19 @@
 """Bounded msgpack for every peer-supplied map (invariant D: never pickle, never eval).
 
-msgpack's own ``max_*_len`` limits bound each container while it is parsed; we add a total-size
-check first and normalise msgpack's many exception types into :class:`ProtocolError`.
+The decoding itself is the project's one bounded-msgpack helper (:mod:`discovery.streamio`); this
+module adds the protocol's view of it: a map is required, and every failure is a
+:class:`ProtocolError` (``LIMIT`` for a body over its bound, ``MALFORMED`` otherwise).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import msgpack
+from discovery.streamio import FrameError, pack, unpack_bounded
 
 from .errors import ErrorCode, ProtocolError
 
-
-def pack(obj: Any) -> bytes:
-    """Canonical-enough msgpack (bin type for bytes, no ext types)."""
-    return msgpack.packb(obj, use_bin_type=True)
+__all__ = ["need", "need_str_list", "need_uint", "pack", "unpack_map"]
 
 
 def unpack_map(data: bytes | bytearray | memoryview, max_bytes: int, *, max_array: int = 4096,
@@ -24,13 +22,10 @@ def unpack_map(data: bytes | bytearray | memoryview, max_bytes: int, *, max_arra
     if len(data) > max_bytes:
         raise ProtocolError(ErrorCode.LIMIT, f"metadata of {len(data)} bytes exceeds {max_bytes}")
     try:
-        obj = msgpack.unpackb(
-            bytes(data), raw=False, strict_map_key=True, use_list=True,
-            max_str_len=max_str, max_bin_len=max_bin, max_array_len=max_array,
-            max_map_len=max_map, max_ext_len=0,
-        )
-    except Exception as exc:  # ExtraData, FormatError, ValueError, UnicodeDecodeError, ...
-        raise ProtocolError(ErrorCode.MALFORMED, f"bad msgpack: {type(exc).__name__}") from None
+        obj = unpack_bounded(data, max_items=max_array, max_str=max_str, max_bin=max_bin,
+                             max_map=max_map)
+    except FrameError as exc:
+        raise ProtocolError(ErrorCode.MALFORMED, f"bad msgpack: {exc}") from None
     if not isinstance(obj, dict):
         raise ProtocolError(ErrorCode.MALFORMED, "expected a msgpack map")
     return obj

@@ -1,9 +1,13 @@
-"""The one error type of the tensor protocol.
+"""The two error types of the tensor protocol (h11's split): the peer was wrong, or you were.
 
-Every decoder and state transition in :mod:`tensor_rpc` raises only :class:`ProtocolError` for bad
-peer input, so a transport adapter needs exactly one ``except`` clause and a fuzzer has exactly one
-allowed outcome. The ``code`` travels on the wire (REJECT / CLOSE / ABORT frames) by *name*, so the
-enum values below are part of the contract documented in ``docs/PROTOCOL.md``.
+* :class:`ProtocolError` — the *peer* sent something wrong, or we refuse what it asked for. Every
+  decoder and state transition in :mod:`tensor_rpc` raises only this for bad peer input, so a
+  transport adapter needs exactly one ``except`` clause and a fuzzer has exactly one allowed
+  outcome. The ``code`` travels on the wire (REJECT / CLOSE / ABORT frames) by *name*, so the enum
+  values below are part of the contract documented in ``docs/PROTOCOL.md``.
+* :class:`UsageError` — the *local caller* used the API wrong (sent in the wrong state, a payload
+  that does not match its specs, a chunk sealed out of order). Nothing goes on the wire; fix the
+  calling code.
 """
 
 from __future__ import annotations
@@ -56,3 +60,12 @@ def code_from_wire(name: object) -> ErrorCode:
     if isinstance(name, str) and name in ErrorCode.__members__:
         return ErrorCode[name]
     return ErrorCode.MALFORMED
+
+
+class UsageError(Exception):
+    """The local caller used the session API wrong; ``code`` says how (STATE, LIMIT, ...)."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        self.code = code
+        self.message = message
+        super().__init__(f"{code.value}: {message}")

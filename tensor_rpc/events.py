@@ -8,6 +8,7 @@ from typing import Any
 from .envelope import Envelope, TensorSpec
 from .errors import ProtocolError
 from .handshake import Agreement
+from .lanectl import LaneOffer
 
 
 class Event:
@@ -21,7 +22,8 @@ class HandshakeComplete(Event):
 
 @dataclass(frozen=True)
 class MessageStarted(Event):
-    """A header arrived and passed validation; its buffer is allocated, chunks may follow."""
+    """A header arrived and passed validation; chunks may follow (the buffer is allocated when
+    the first one arrives)."""
 
     header: Envelope
 
@@ -37,6 +39,7 @@ class MessageReceived(Event):
     buffer: memoryview
     tensors: list[tuple[TensorSpec, memoryview]]
     sink: Any = None
+    charged: int = 0  # bytes still held in the receive budget: the owner releases them on hand-over
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,21 @@ class MessageRejected(Event):
     message_id: int
     error: ProtocolError
     local: bool
+
+
+@dataclass(frozen=True)
+class MessageAbandoned(Event):
+    """The peer confirmed that our message ``message_id`` (whose lane failed, see
+    ``Session.send_failed``) was never delivered and never will be: it may be sent again."""
+
+    message_id: int
+
+
+@dataclass(frozen=True)
+class LanesOffered(Event):
+    """The peer told us where it accepts data lanes (replaces any earlier offer)."""
+
+    offer: LaneOffer
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,9 @@ class FrameType(enum.IntEnum):
     CREDIT = 0x13
     CLOSE = 0x14
     DIGEST = 0x15
+    LANES = 0x16
+    ABANDON = 0x17
+    ABANDONED = 0x18
     CHUNK = 0x20
 
 

@@ -3,13 +3,15 @@
 Both peers run :func:`negotiate` on the same two hellos and get the same :class:`Agreement`:
 highest common version, the initiator's most preferred cipher the responder also offers, the
 minimum of every limit, and the intersection of dtypes and kinds. Invariant A is enforced here:
-any model-signature mismatch refuses the session naming every mismatched field.
+any model-signature mismatch refuses the session naming every mismatched field — and so is any
+mismatch of what the two *runtimes* need for exact results (:class:`RuntimeTerms`: the KV dtype
+and the torch thread count), before a byte of payload moves.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 from discovery.signature import MAX_SIGNATURE_BYTES, ModelSignature, SignatureError, compare
@@ -21,8 +23,25 @@ from .errors import ErrorCode, ProtocolError
 from .limits import MAX_CHUNK_BYTES, MAX_HANDSHAKE_FRAME, MIN_CHUNK_BYTES, Limits
 
 PROTOCOL_NAME = "latentlink/tensor"
-SUPPORTED_VERSIONS: tuple[int, ...] = (2,)  # 1 (checksums in the HEADER) retired pre-release
+# 1 (checksums in the HEADER) and 2 (lane control on a second stream, responder proved first)
+# were retired before release
+SUPPORTED_VERSIONS: tuple[int, ...] = (3,)
 SESSION_ID_BYTES = 16
+
+
+@dataclass(frozen=True)
+class RuntimeTerms:
+    """What a model runtime will actually accept, declared in HELLO so a mismatch is refused at
+    the handshake instead of after the payload moved: the dtype its KV cache runs in, the torch
+    thread count (fp32 results are bitwise equal only with equal counts, DESIGN.md §10), and the
+    wire dtypes its messages may carry (the KV dtype, float32 logits, ...)."""
+
+    kv_dtype: str
+    threads: int
+    dtypes: tuple[str, ...]
+
+    def to_wire(self) -> dict[str, object]:
+        return {"kv_dtype": self.kv_dtype, "threads": self.threads}
 
 
 @dataclass(frozen=True)
@@ -43,6 +62,7 @@ class Hello:
     ciphers: tuple[str, ...]
     residual_gain_max: float
     ephemeral_key: bytes
+    runtime: dict[str, object] | None = None  # RuntimeTerms.to_wire() of a model runtime, else nil
 
     def encode(self) -> bytes:
         return pack({
@@ -53,17 +73,19 @@ class Hello:
             "max_tensors_per_message": self.max_tensors_per_message,
             "chunk_bytes": self.chunk_bytes, "recv_window_bytes": self.recv_window_bytes,
             "ciphers": list(self.ciphers), "residual_gain_max": self.residual_gain_max,
-            "eph": self.ephemeral_key,
+            "eph": self.ephemeral_key, "runtime": self.runtime,
         })
 
     @classmethod
     def from_limits(cls, limits: Limits, session_id: bytes, role: str, signature: ModelSignature,
-                    ephemeral_key: bytes, dtypes: Sequence[str] | None = None) -> Hello:
+                    ephemeral_key: bytes, terms: RuntimeTerms | None = None) -> Hello:
         return cls(SUPPORTED_VERSIONS, session_id, role, signature.encode(),
-                   tuple(dtypes or DTYPES), tuple(k.value for k in Kind), limits.max_message_bytes,
-                   limits.max_metadata_bytes, limits.max_tensors_per_message, limits.chunk_bytes,
-                   limits.recv_window_bytes, tuple(c for c in limits.ciphers if c in CIPHERS),
-                   float(limits.residual_gain_max), bytes(ephemeral_key))
+                   tuple(terms.dtypes if terms else DTYPES), tuple(k.value for k in Kind),
+                   limits.max_message_bytes, limits.max_metadata_bytes,
+                   limits.max_tensors_per_message, limits.chunk_bytes, limits.recv_window_bytes,
+                   tuple(c for c in limits.ciphers if c in CIPHERS),
+                   float(limits.residual_gain_max), bytes(ephemeral_key),
+                   terms.to_wire() if terms else None)
 
 
 def decode_hello(body: bytes) -> Hello:
@@ -101,7 +123,20 @@ def decode_hello(body: bytes) -> Hello:
         ephemeral_key=eph)
     if hello.max_metadata_bytes < 256 or hello.max_tensors_per_message < 1:
         raise ProtocolError(ErrorCode.LIMIT, "metadata/tensor limits too small")
-    return hello
+    return dataclasses.replace(hello, runtime=_runtime(d.get("runtime")))
+
+
+def _runtime(v: object) -> dict[str, object] | None:
+    if v is None:
+        return None
+    if not isinstance(v, dict):
+        raise ProtocolError(ErrorCode.MALFORMED, "runtime must be a map or nil")
+    dt, th = v.get("kv_dtype"), v.get("threads")
+    if not isinstance(dt, str) or dt not in DTYPES:
+        raise ProtocolError(ErrorCode.MALFORMED, "runtime.kv_dtype must be a known dtype")
+    if isinstance(th, bool) or not isinstance(th, int) or not 0 < th < 1 << 16:
+        raise ProtocolError(ErrorCode.MALFORMED, "runtime.threads must be a small positive integer")
+    return {"kv_dtype": dt, "threads": th}
 
 
 @dataclass(frozen=True)
@@ -145,9 +180,14 @@ def negotiate(initiator: Hello, responder: Hello, local: ModelSignature, local_r
         remote_sig = ModelSignature.decode(remote.signature, MAX_SIGNATURE_BYTES)
     except SignatureError as exc:
         raise ProtocolError(ErrorCode.MALFORMED, f"model signature: {exc}") from None
-    mismatched = compare(local, remote_sig)
+    mismatched = list(compare(local, remote_sig))
+    if initiator.runtime is not None and responder.runtime is not None:
+        mismatched += [f"runtime.{k}" for k in ("kv_dtype", "threads")
+                       if initiator.runtime.get(k) != responder.runtime.get(k)]
     if mismatched:
-        raise ProtocolError(ErrorCode.INCOMPATIBLE_MODEL, "model signatures differ", mismatched)
+        what = "model signatures differ" if not all(f.startswith("runtime.") for f in mismatched) \
+            else "runtimes differ (exact results need the same KV dtype and thread count)"
+        raise ProtocolError(ErrorCode.INCOMPATIBLE_MODEL, what, mismatched)
     cipher = next((c for c in initiator.ciphers if c in responder.ciphers and c in CIPHERS), None)
     if cipher is None:
         raise ProtocolError(ErrorCode.UNSUPPORTED, "no common cipher")

@@ -41,11 +41,17 @@ class Limits:
     denylist: tuple[str, ...] = ()
     shared_token: str = ""
     messages_per_s: float = 200.0
-    bytes_per_s: float = float(16 * GiB)
+    bytes_per_s: float = float(4 * GiB)
     max_sessions_per_peer: int = 8
+    max_sessions: int = 256
+    max_unaccepted_sessions: int = 16
+    inflight_bytes: int = 4 * GiB
+    inflight_bytes_per_peer: int = 2 * GiB
+    messages_in_flight: int = 8  # incomplete incoming messages per session
     # [transport]
     recv_window_bytes: int = 64 * MiB
-    transfer_timeout_s: float = 120.0  # an incomplete incoming message is rejected after this
+    transfer_timeout_s: float = 120.0  # a sent message without ACK/REJECT by then is reported failed
+    progress_timeout_s: float = 30.0  # an incoming message with no chunk/DIGEST for this long: rejected
     # not (yet) a config key: BLAKE3 threads per large tensor, 1 = single, 0 = blake3 AUTO
     hash_threads: int = 1
 

@@ -16,14 +16,14 @@ at the end whether the message verified.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import blake3
 
 from .aead import Opener, Sealer
 from .envelope import Envelope, TensorSpec
-from .errors import ErrorCode, ProtocolError
+from .errors import ErrorCode, ProtocolError, UsageError
 
 #: With ``hash_threads != 1``, only tensors at least this large use several threads.
 PARALLEL_HASH_BYTES = 8 * 1024 * 1024
@@ -171,7 +171,7 @@ class OutgoingMessage:
     def chunk_span(self, index: int) -> tuple[int, int]:
         """(offset, plaintext length) of chunk ``index``."""
         if not 0 <= index < self.n_chunks:
-            raise ProtocolError(ErrorCode.STATE, f"chunk {index} out of range 0..{self.n_chunks}")
+            raise UsageError(ErrorCode.STATE, f"chunk {index} out of range 0..{self.n_chunks}")
         off = index * self.chunk_bytes
         return off, min(self.chunk_bytes, self.nbytes - off)
 
@@ -188,11 +188,11 @@ class OutgoingMessage:
         """
         off, n = self.chunk_span(index)
         if index > self._hashed:
-            raise ProtocolError(ErrorCode.STATE, f"chunk {index} sealed before chunk {self._hashed}")
+            raise UsageError(ErrorCode.STATE, f"chunk {index} sealed before chunk {self._hashed}")
         dst = memoryview(out if out is not None else bytearray(n + self.tag_bytes))
         plain = self.source.chunk(off, n, dst[:n])
         if len(plain) != n:
-            raise ProtocolError(ErrorCode.STATE, f"payload source gave {len(plain)} of {n} bytes")
+            raise UsageError(ErrorCode.STATE, f"payload source gave {len(plain)} of {n} bytes")
         if index == self._hashed:
             self._hashes.update(off, plain)
             self._hashed += 1
@@ -213,29 +213,45 @@ class IncomingMessage:
 
     Without a sink, chunk ``i`` is decrypted straight into ``buffer`` at its final offset. With a
     sink, ``buffer`` is a one-chunk staging area and each opened chunk is handed to the sink.
+    The buffer is allocated when the first chunk arrives, never for a header alone, through
+    ``allocate(n)`` (fresh anonymous memory is committed page by page as chunks land).
     """
 
-    def __init__(self, envelope: Envelope, buffer: memoryview, opener: Opener,
-                 chunk_bytes: int, started_at: float = 0.0, hash_threads: int = 1,
-                 sink: ChunkSink | None = None) -> None:
-        if sink is None:
-            fits = len(buffer) == envelope.payload_bytes
-        else:  # staging: one chunk
-            fits = len(buffer) >= min(chunk_bytes, envelope.payload_bytes)
-        if not fits:
-            raise ProtocolError(ErrorCode.LIMIT, "receive buffer does not match the payload size")
+    def __init__(self, envelope: Envelope, opener: Opener, chunk_bytes: int,
+                 started_at: float = 0.0, hash_threads: int = 1, sink: ChunkSink | None = None,
+                 allocate: Callable[[int], Any] | None = None) -> None:
         self.envelope = envelope
-        self.buffer = buffer
         self.sink = sink
         self.nbytes = envelope.payload_bytes
         self.chunk_bytes = chunk_bytes
         self.n_chunks = chunk_count(self.nbytes, chunk_bytes)
         self.next_chunk = 0
         self.started_at = started_at
+        self.progress_at = started_at  # last chunk or DIGEST (the progress timeout runs from here)
+        self.charged = 0  # bytes this message holds in the receive budget
         self.expected: tuple[bytes, ...] | None = None  # from the DIGEST frame
+        self.buffer: memoryview | None = None
+        self._allocate = allocate or bytearray
         self._opener = opener
         # BLAKE3 runs as chunks land (data still in cache), one hasher per tensor, in order
         self._hashes = _TensorHashes(envelope.tensors, hash_threads)
+
+    @property
+    def buffer_size(self) -> int:
+        return min(self.chunk_bytes, self.nbytes) if self.sink is not None else self.nbytes
+
+    def set_buffer(self, buffer: Any) -> None:
+        """Use ``buffer`` (e.g. pinned memory) instead of allocating; only before the first chunk."""
+        view = _flat(buffer)
+        if self.next_chunk or len(view) < self.buffer_size:
+            raise UsageError(ErrorCode.LIMIT, "receive buffer does not match the payload size")
+        self.buffer = view[:self.buffer_size]
+
+    def _ensure_buffer(self) -> memoryview:
+        if self.buffer is None:
+            self.set_buffer(self._allocate(self.buffer_size))
+        assert self.buffer is not None
+        return self.buffer
 
     @property
     def message_id(self) -> int:
@@ -250,21 +266,26 @@ class IncomingMessage:
         """Every chunk opened and the sender's digests known: time to verify."""
         return self.complete and self.expected is not None
 
+    def chunk_size(self, index: int) -> int:
+        """Plaintext bytes of chunk ``index``."""
+        return min(self.chunk_bytes, self.nbytes - index * self.chunk_bytes)
+
     def slot(self, index: int) -> memoryview:
         """Where chunk ``index``'s plaintext goes: its final place in ``buffer``, or the staging."""
+        buf = self._ensure_buffer()
         off = index * self.chunk_bytes
-        n = min(self.chunk_bytes, self.nbytes - off)
-        return self.buffer[:n] if self.sink is not None else self.buffer[off:off + n]
+        n = self.chunk_size(index)
+        return buf[:n] if self.sink is not None else buf[off:off + n]
 
     def open_chunk(self, index: int, sealed: bytes | bytearray | memoryview) -> int:
         """Decrypt chunk ``index`` into its slot; ORDER if not the next one, DECRYPT if tampered."""
         if index != self.next_chunk:
             raise ProtocolError(ErrorCode.ORDER, f"chunk {index} arrived, expected {self.next_chunk}")
-        dst = self.slot(index)
-        n = len(dst)
+        n = self.chunk_size(index)
         if len(sealed) != n + self._opener.tag_bytes:
             raise ProtocolError(ErrorCode.ORDER, f"chunk {index} has {len(sealed)} sealed bytes, "
                                 f"expected {n + self._opener.tag_bytes}")
+        dst = self.slot(index)  # checked first: a bad chunk never makes us allocate
         self._opener.open_chunk_into(self.message_id, index, index == self.n_chunks - 1, sealed, dst)
         self.next_chunk += 1
         off = index * self.chunk_bytes
@@ -308,7 +329,14 @@ class IncomingMessage:
         self.envelope = self.envelope.with_checksums(sums)
         views, off = [], 0
         if self.sink is None:
+            self._ensure_buffer()  # an empty payload has no chunk that would have allocated it
+            assert self.buffer is not None
             for spec in self.envelope.tensors:
                 views.append((spec, self.buffer[off:off + spec.byte_length]))
                 off += spec.byte_length
         return sums, views
+
+
+def _flat(buf: Any) -> memoryview:
+    mv = memoryview(buf)
+    return mv if mv.format == "B" and mv.ndim == 1 else mv.cast("B")

@@ -73,3 +73,8 @@ def test_cipher_names_match_the_protocol():
     from meshnode.config import CIPHER_NAMES
     from tensor_rpc import CIPHERS
     assert set(CIPHER_NAMES) == set(CIPHERS)
+
+
+def test_example_config_lists_every_key_with_its_default():
+    from meshnode.config_doc import render_toml
+    assert (ROOT / "configs" / "node.toml").read_text() == render_toml()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import msgpack
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from libp2p.crypto.ed25519 import create_new_key_pair
@@ -21,6 +22,7 @@ from crdt_state.wire import (
     decode_body,
     encode,
 )
+from discovery.streamio import FrameReader, frame, pack
 
 LIMITS = CrdtLimits(max_update_bytes=2048, max_records_per_frame=64, max_writers_per_doc=64)
 SIGNER = Signer(create_new_key_pair())
@@ -132,3 +134,17 @@ def test_signed_garbage_updates_from_a_participant(update: bytes) -> None:
     out = eng.receive("peer", encode(Records("doc", [rec])), 0.0)
     if not out.accepted:
         assert eng.replicas["doc"].doc.snapshot() == before
+
+
+def test_frames_are_the_shared_helpers_and_its_errors_map_onto_ours() -> None:
+    """crdt frames are streamio frames: the shared reader splits them, and every FrameError the
+    helper raises (oversized length, malformed body) reaches callers as SyncProtocolError."""
+    reader = FrameReader(LIMITS.max_frame_bytes)
+    bodies = reader.feed(b"".join(VALID))
+    assert [decode_body(b, LIMITS) for b in bodies] == FrameDecoder(LIMITS).feed(b"".join(VALID))
+    with pytest.raises(SyncProtocolError, match="exceeds"):
+        FrameDecoder(LIMITS).feed(LEN.pack(LIMITS.max_frame_bytes + 1))
+    with pytest.raises(SyncProtocolError, match="undecodable"):
+        FrameDecoder(LIMITS).feed(frame(b"\xc1"))  # never-used msgpack byte
+    with pytest.raises(SyncProtocolError, match="bad array"):  # no body of ours holds a map
+        FrameDecoder(LIMITS).feed(frame(pack([1, "doc", False, {"a": 1}])))

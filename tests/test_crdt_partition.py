@@ -55,7 +55,10 @@ async def test_five_nodes_partition_heal_converge() -> None:
         right[1].bump_turn(sid, "agent-R")
         left[1].bump_turn(sid, "agent-L")
         right[0].bump_turn(sid, "agent-L")  # concurrent increments of one counter add up
-        right[0].record_outcome(sid, mids["left"][0], "applied")  # outcome before the message
+        # The receiver of right's first message (on the left side) records its outcome before
+        # the message itself can reach it.
+        assert ids[1] == left[1].peer_id
+        left[1].record_outcome(sid, mids["right"][0], "applied", sender=right[0].peer_id)
         left[2].add_lineage(sid, "state-1", None, mids["left"][0])
         right[1].add_lineage(sid, "state-2", "state-1", mids["right"][0])
 
@@ -79,7 +82,8 @@ async def test_five_nodes_partition_heal_converge() -> None:
         assert snap["turns"] == {"agent-R": 1, "agent-L": 2}
         assert [e["state_id"] for e in snap["lineage"]] == ["state-1", "state-2"]
         by_id = {m["message_id"]: m for m in snap["messages"]}
-        assert by_id[mids["left"][0]]["outcome"]["status"] == "applied"
+        assert by_id[mids["right"][0]]["outcome"]["status"] == "applied"
+        assert snap["unverified_outcomes"] == []
         assert isinstance(by_id[mids["left"][0]]["nbytes"], int)
         assert heal_s < 10
         # Raw CRDT state is identical too, not just the typed view.

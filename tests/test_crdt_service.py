@@ -33,7 +33,7 @@ async def test_subscribe_get_and_outsider_rejected_on_the_wire() -> None:
                 await trio.sleep(0.02)
         b.record_outcome("s", mid, "rejected", reason="checksum mismatch")
         with trio.fail_after(10):
-            while mid not in a.doc("s").outcomes():
+            while (mid, a.peer_id) not in a.doc("s").outcomes():
                 await trio.sleep(0.02)
         assert a.get("s")["messages"][0]["outcome"]["reason"] == "checksum mismatch"
         assert [x["session_id"] for x in a.list_sessions()] == ["s"]

@@ -47,7 +47,7 @@ def test_crash_truncated_and_flipped_tail_recover_then_catch_up(tmp_path: Path, 
     b = SyncEngine(create_new_key_pair(), LIMITS)
     a.create("s", "ck", {a.local_peer: "owner", b.local_peer: "agent"})
     for i in range(10):
-        a.edit("s", lambda d, i=i: d.log_message(msg(i, "a")))
+        a.edit("s", lambda d, i=i: d.log_message(msg(i, a.local_peer)))
     pump([a, b], hello_all([a, b]))
     full = b.replicas["s"].doc.snapshot()
     assert len(full["messages"]) == 10

@@ -41,7 +41,8 @@ def test_engines_converge_and_pull_each_record_once() -> None:
     pump([a, b, c], hello_all([a, b, c]))
     assert b.replicas["s1"].doc.participant_ids() == sorted(parts)
     for i in range(30):
-        (a if i % 2 else b).edit("s1", lambda d, i=i: d.log_message(msg(i, "p")))
+        e = a if i % 2 else b
+        e.edit("s1", lambda d, i=i, e=e: d.log_message(msg(i, e.local_peer)))
     # c learns both histories at once; in-flight tracking keeps it from pulling twice.
     moved = pump([a, b, c], hello_all([a, b, c]))
     snaps = [e.replicas["s1"].doc.snapshot() for e in (a, b, c)]
@@ -74,9 +75,9 @@ def test_foreign_unsigned_missigned_oversized_rejected_doc_unchanged() -> None:
     rep = a.replicas["s"]
     before_state, before_snap = rep.doc.doc.get_update(), rep.doc.snapshot()
 
-    foreign = _forge(kp_out, a, lambda d: d.log_message(msg(1, "evil")))
+    foreign = _forge(kp_out, a, lambda d: d.log_message(msg(1, out_id)))
     self_add = _forge(kp_out, a, lambda d: d.add_participant(out_id, "x", out_id))
-    good_b = b.edit("s", lambda d: d.log_message(msg(2, "b")))[0]
+    good_b = b.edit("s", lambda d: d.log_message(msg(2, b.local_peer)))[0]
     cases = {
         "foreign": foreign,
         "foreign-self-add": self_add,
@@ -110,7 +111,7 @@ def test_document_size_limit() -> None:
     a, b, _ = _setup()
     small = dataclasses.replace(LIMITS, max_document_bytes=a.replicas["s"].nbytes + 50)
     a.replicas["s"].limits = small
-    rec = b.edit("s", lambda d: d.log_message(msg(7, "b")))[0]
+    rec = b.edit("s", lambda d: d.log_message(msg(7, b.local_peer)))[0]
     out = a.receive(b.local_peer, encode(Records("s", [rec])), 0.0)
     assert not out.accepted and "size limit" in out.rejected[0].reason
 
@@ -135,5 +136,5 @@ def test_accept_session_hook_declines_invitation() -> None:
     a.create("nope", "other-model", {a.local_peer: "owner", b.local_peer: "agent"})
     a.create("yes", "wanted", {a.local_peer: "owner", b.local_peer: "agent"})
     pump([a, b], hello_all([a, b]))
-    assert set(b.replicas) == {"yes"} and b.declined == {"nope"}
+    assert set(b.replicas) == {"yes"} and dict(b.declined) == {"nope": "declined"}
     assert b.receive(a.local_peer, a.step1("nope"), 0.0).frames == []

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from tensor_rpc import (
     DTYPES,
+    SUPPORTED_VERSIONS,
     AckReceived,
     ApplyMode,
     Envelope,
@@ -19,9 +20,9 @@ from tensor_rpc import (
     Limits,
     MessageReceived,
     MessageStarted,
-    ProtocolError,
     State,
     TensorSpec,
+    UsageError,
     pack_tensors,
 )
 from tensor_rpc.envelope import decode_envelope, encode_envelope
@@ -107,7 +108,7 @@ def test_every_dtype_and_kind_negotiated():
     ag = p.events_a[0].agreement
     assert ag.dtypes == frozenset(DTYPES) and "bfloat16" in ag.dtypes
     assert ag.kinds == frozenset(k.value for k in Kind)
-    assert ag.cipher == "aegis128l" and ag.version == 2
+    assert ag.cipher == "aegis128l" and ag.version == max(SUPPORTED_VERSIONS)
 
 
 def test_cipher_fallback_xchacha_and_min_limits():
@@ -123,7 +124,7 @@ def test_cipher_fallback_xchacha_and_min_limits():
                      payload=payload, now=0)
     p.pump()
     assert any(isinstance(e, MessageReceived) for e in p.events_b)
-    with pytest.raises(ProtocolError) as ei:
+    with pytest.raises(UsageError) as ei:
         p.a.send_message(kind=Kind.KV_CACHE, layers=(0, 1), tokens=(0, 1),
                          tensors=[TensorSpec("x", "uint8", (10**6 + 1,), 10**6 + 1)],
                          payload=bytes(10**6 + 1), now=0)

@@ -15,8 +15,8 @@ from tensor_rpc import (
     Limits,
     MessageReceived,
     MessageRejected,
-    ProtocolError,
     TensorSpec,
+    UsageError,
     control,
     pack_tensors,
     tensor_source,
@@ -229,7 +229,7 @@ def test_chunks_must_first_be_sealed_in_order():
     msg = p.a.send_message(kind=Kind.KV_CACHE, layers=(0, 1), tokens=(0, 1),
                            tensors=tensor_source(_items())[0], payload=tensor_source(_items())[1],
                            now=1.0, inline=False)
-    with pytest.raises(ProtocolError) as err:
+    with pytest.raises(UsageError) as err:
         msg.seal_chunk(1)
     assert err.value.code is ErrorCode.STATE
     first = bytes(msg.seal_chunk(0))
@@ -262,5 +262,6 @@ def test_a_sink_factory_that_raises_rejects_the_message():
     p.b.sink_factory = lambda env: 1 / 0
     _lane_send(p, *tensor_source(_items()))
     rej = [e for e in p.events_b if isinstance(e, MessageRejected)]
-    assert rej and rej[0].error.code is ErrorCode.LIMIT and not _delivered(p)
+    assert rej and rej[0].error.code is ErrorCode.UNSUPPORTED and not _delivered(p)
+    assert "division by zero" in rej[0].error.message
     assert not [e for e in p.events_b if isinstance(e, Closed)]

@@ -6,7 +6,7 @@ import trio
 
 from meshnode.config import load_config
 from meshnode.node import open_node
-from meshnode.tensor_service import SessionClosed
+from meshnode.tensor import SessionClosed
 from tensor_rpc import Kind
 from tests.helpers.sigs import fake_signature
 

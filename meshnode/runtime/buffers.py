@@ -4,19 +4,24 @@ A received message arrives as one contiguous ``bytearray`` with per-tensor slice
 over those slices with ``torch.frombuffer`` (no copy, bf16 included — numpy has no bf16, so we never
 go through numpy). On the send side, :func:`tensor_bytes` exposes a contiguous tensor's storage as a
 ``memoryview`` without copying.
+
+Every wire dtype (``runtime/dtypes.py``) can be viewed; a slice that does not fit its declaration
+raises :class:`~meshnode.runtime.accept.KVMismatch`, the runtime's one peer-data error, because the
+slices come straight from a peer's header.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 
-DTYPE_BY_NAME: dict[str, torch.dtype] = {
-    "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-    "int64": torch.int64, "int32": torch.int32, "uint8": torch.uint8,
-}
+from meshnode.runtime.accept import KVMismatch
+from meshnode.runtime.dtypes import TORCH_DTYPES, dtype_name
+
+__all__ = ["TensorSlice", "dtype_name", "tensor_bytes", "tensors_from_buffer"]
 
 
 @dataclass(frozen=True)
@@ -30,10 +35,6 @@ class TensorSlice:
     nbytes: int
 
 
-def dtype_name(t: torch.Tensor) -> str:
-    return str(t.dtype).removeprefix("torch.")
-
-
 def tensor_bytes(t: torch.Tensor) -> memoryview:
     """The raw bytes of a contiguous tensor, shared with it (no copy)."""
     if not t.is_contiguous():
@@ -43,21 +44,19 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
 
 
 def tensors_from_buffer(buf: bytearray | memoryview, slices: Iterable[TensorSlice]) -> dict[str, torch.Tensor]:
-    """Tensors viewing ``buf`` (zero copy). Shapes and bounds are checked before any view is made."""
+    """Tensors viewing ``buf`` (zero copy). Dtypes, shapes and bounds are checked before any view
+    is made; a bad slice raises :class:`KVMismatch` naming the tensor."""
     mv = memoryview(buf).cast("B")
     out: dict[str, torch.Tensor] = {}
     for s in slices:
-        dtype = DTYPE_BY_NAME.get(s.dtype)
+        dtype = TORCH_DTYPES.get(s.dtype) if isinstance(s.dtype, str) else None
         if dtype is None:
-            raise ValueError(f"{s.name}: unsupported dtype {s.dtype}")
-        count = 1
-        for d in s.shape:
-            if d < 0:
-                raise ValueError(f"{s.name}: negative dimension")
-            count *= d
+            raise KVMismatch(f"{s.name}: unsupported dtype {s.dtype!r}; one of {sorted(TORCH_DTYPES)}")
+        if not all(type(d) is int and d >= 0 for d in s.shape):
+            raise KVMismatch(f"{s.name}: shape {s.shape} has a negative or non-integer dimension")
         itemsize = torch.empty(0, dtype=dtype).element_size()
-        if count * itemsize != s.nbytes or s.offset < 0 or s.offset + s.nbytes > mv.nbytes:
-            raise ValueError(f"{s.name}: declared {s.shape} {s.dtype} does not fit its slice")
+        if math.prod(s.shape) * itemsize != s.nbytes or s.offset < 0 or s.offset + s.nbytes > mv.nbytes:
+            raise KVMismatch(f"{s.name}: declared {s.shape} {s.dtype} does not fit its slice")
         if s.nbytes == 0:
             out[s.name] = torch.empty(s.shape, dtype=dtype)
             continue

@@ -4,6 +4,7 @@ The receiver runs its normal forward with blocks 0..L swapped for pass-throughs 
 the received hidden states), so only layers L+1..N-1 compute; everything downstream (masks, RoPE,
 final norm, tied head) is the model's own code, which is why the receiver's logits equal the
 sender's bitwise. transformers 5.x blocks all return a bare tensor, which the pass-through mimics.
+The slice is checked in full (``accept.check_header``) before any block is swapped.
 """
 
 from __future__ import annotations
@@ -12,15 +13,13 @@ from collections.abc import Callable
 
 import torch
 
+from meshnode.runtime.accept import KIND_HIDDEN as KIND
+from meshnode.runtime.accept import HiddenMismatch, check_header, specs_of
 from meshnode.runtime.arch import decoder_layers, layer_hidden
 from meshnode.runtime.kv import Meta, Tensors
-from meshnode.runtime.loader import DTYPES, LoadedModel
+from meshnode.runtime.loader import LoadedModel
 
-KIND = "HIDDEN_SLICE"
-
-
-class HiddenMismatch(ValueError):
-    """A hidden slice that cannot be applied to this model; nothing was run."""
+__all__ = ["KIND", "HiddenMismatch", "capture_hidden", "run_from_hidden"]
 
 
 @torch.inference_mode()
@@ -44,20 +43,16 @@ def capture_hidden(lm: LoadedModel, ids: list[int], layer: int,
 
 
 @torch.inference_mode()
-def run_from_hidden(lm: LoadedModel, tensors: Tensors, meta: Meta) -> torch.Tensor:
-    """Receiver: logits [T, vocab] (fp32) from the sender's hidden states after layer L."""
+def run_from_hidden(lm: LoadedModel, tensors: Tensors, meta: Meta, *,
+                    strict_threads: bool = True) -> torch.Tensor:
+    """Receiver: logits [T, vocab] (fp32) from the sender's hidden states after layer L.
+
+    Raises :class:`HiddenMismatch` (a ``KVMismatch``) for any slice this model cannot run.
+    """
+    head = check_header(lm, KIND, specs_of(tensors, HiddenMismatch), meta, strict_threads=strict_threads)
     layers = decoder_layers(lm.model)
-    layer = int(meta.get("layer_start", -1))  # type: ignore[arg-type]
-    hidden = tensors.get("hidden")
-    if meta.get("kind") != KIND or not 0 <= layer < len(layers) or hidden is None:
-        raise HiddenMismatch("not a usable hidden slice")
-    if meta.get("token_start") != 0:
-        raise HiddenMismatch("slices not starting at token 0 need the earlier tokens' KV")
-    if hidden.dtype != DTYPES.get(str(meta.get("dtype")), None) or hidden.dtype != lm.dtype:
-        raise HiddenMismatch(f"hidden dtype {hidden.dtype} != model {lm.dtype}")
-    hsize = lm.model.config.get_text_config().hidden_size
-    if hidden.dim() != 3 or hidden.shape[0] != 1 or hidden.shape[2] != hsize:
-        raise HiddenMismatch(f"hidden shape {tuple(hidden.shape)} != [1, T, {hsize}]")
+    layer = head.layers[0]
+    hidden = tensors["hidden"]
     n = hidden.shape[1]
 
     def skip(i: int) -> Callable[..., torch.Tensor]:

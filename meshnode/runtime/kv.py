@@ -11,6 +11,10 @@ The exact recipe, and why each step is here:
 * Keys already carry RoPE, so KV only ever lands at the positions it was computed for: a snapshot
   must start at 0 and a delta exactly where the receiver's cache ends.
 * An fp32 model fed bf16 KV runs silently and drifts: dtypes must match, or inject refuses.
+* Every check runs before anything is applied, and the checks need only the header: inject and
+  apply_delta call :func:`check_header` (``runtime/accept.py``) on the tensors' real names, dtypes
+  and shapes, the same rules a receiver runs on the envelope before the payload moves. Peer input
+  that fails any of them raises :class:`KVMismatch` and nothing else.
 
 Tensors are named ``L{i}.k`` / ``L{i}.v`` ([batch, kv_heads, tokens, head_dim]), plus ``logits``
 ([vocab], the sender's last-position logits). ``meta`` holds scalars and one list
@@ -26,18 +30,17 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from meshnode.runtime.loader import DTYPES, LoadedModel
+from meshnode.runtime.accept import APPLY, KIND_DELTA, KIND_FULL, KVMismatch, check_header, specs_of
+from meshnode.runtime.dtypes import TORCH_DTYPES, dtype_name
+from meshnode.runtime.loader import LoadedModel
 
-KIND_FULL = "KV_CACHE"
-KIND_DELTA = "KV_CACHE_DELTA"
+__all__ = ["APPLY", "KIND_DELTA", "KIND_FULL", "KVMismatch", "LoadedModel", "Meta", "State", "Tensors",
+           "append_turn", "apply_delta", "capture", "check_header", "continue_generate",
+           "continue_greedy", "forward_tokens", "generate_reference", "inject", "new_cache", "prefill",
+           "prefill_and_capture"]
 
 Meta = dict[str, Any]  # scalars, or lists of scalars (the envelope's ``meta`` map allows both)
-APPLY = {KIND_FULL: "OVERWRITE", KIND_DELTA: "APPEND"}
 Tensors = dict[str, torch.Tensor]
-
-
-class KVMismatch(ValueError):
-    """Received KV cannot be applied exactly to this model/state; nothing was applied."""
 
 
 @dataclass
@@ -92,6 +95,7 @@ def capture(lm: LoadedModel, state: State, *, layers: tuple[int, int] | None = N
     Defaults: all layers, all cached tokens. A range not starting at 0 is a delta. Sliding layers
     ship what they still hold inside the range (at most ``W-1`` tokens) and their cumulative length.
     Tensors are views when no slicing/cast is needed (zero copy), else one contiguous copy.
+    ``dtype`` (any wire dtype name) casts the KV; a receiver accepts only its model's dtype.
     """
     cache = state.cache
     n_layers = len(cache.layers)
@@ -99,14 +103,16 @@ def capture(lm: LoadedModel, state: State, *, layers: tuple[int, int] | None = N
     t0, t1 = tokens or (0, state.length)
     if not (0 <= la < lb <= n_layers) or not (0 <= t0 < t1 <= state.length):
         raise ValueError(f"bad range layers={la, lb} tokens={t0, t1} (cache {state.length})")
-    tdtype = DTYPES[dtype] if dtype else lm.dtype
+    if dtype is not None and dtype not in TORCH_DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; one of {sorted(TORCH_DTYPES)}")
+    tdtype = TORCH_DTYPES[dtype] if dtype else lm.dtype
     out: Tensors = {}
     kind = kind or (KIND_FULL if t0 == 0 else KIND_DELTA)
     cumulative: list[int | None] = []
     meta: Meta = {
         "kind": kind, "apply": APPLY[kind],
         "layer_start": la, "layer_end": lb, "token_start": t0, "token_end": t1,
-        "batch": 0, "dtype": str(tdtype).removeprefix("torch."), "threads": lm.threads,
+        "batch": 0, "dtype": dtype_name(tdtype), "threads": lm.threads,
         "next_token": state.next_token if t1 == state.length else None,
         "cumulative_length": cumulative,
     }
@@ -149,86 +155,44 @@ def append_turn(lm: LoadedModel, state: State, new_ids: list[int], **kw: Any) ->
     return capture(lm, state, tokens=(start, state.length), kind=KIND_DELTA, **kw)
 
 
-def _check(lm: LoadedModel, tensors: Tensors, meta: Meta, n_layers: int, strict_threads: bool) -> None:
-    dt = meta.get("dtype")
-    if dt != lm.dtype_name:
-        raise KVMismatch(f"KV dtype {dt} does not match model dtype {lm.dtype_name}")
-    if strict_threads and meta.get("threads") != lm.threads:
-        raise KVMismatch(f"sender used {meta.get('threads')} threads, receiver {lm.threads}: "
-                         "fp32 results would not be bitwise equal")
-    if (meta.get("layer_start"), meta.get("layer_end")) != (0, n_layers):
-        raise KVMismatch("inject needs every layer (partial layer ranges cannot be decoded from)")
-    cfg = lm.model.config.get_text_config(decoder=True)
-    kvh = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    for i in range(n_layers):
-        for part in ("k", "v"):
-            t = tensors.get(f"L{i}.{part}")
-            if t is None:
-                raise KVMismatch(f"missing L{i}.{part}")
-            if t.dtype != lm.dtype:
-                raise KVMismatch(f"L{i}.{part} has dtype {t.dtype}, model runs {lm.dtype}")
-            if t.dim() != 4 or t.shape[0] != 1 or t.shape[1] != kvh or t.shape[3] != hd:
-                raise KVMismatch(f"L{i}.{part} shape {tuple(t.shape)} != [1, {kvh}, T, {hd}]")
-
-
 def inject(lm: LoadedModel, tensors: Tensors, meta: Meta, *, strict_threads: bool = True) -> State:
-    """Receiver side: build a fresh cache from a full snapshot. Validates everything first."""
-    if meta.get("kind") != KIND_FULL or meta.get("token_start") != 0:
-        raise KVMismatch("a snapshot must start at token 0 (RoPE'd keys cannot move)")
+    """Receiver side: build a fresh cache from a full snapshot.
+
+    All checks first (:func:`check_header` on the tensors as they are): dtype, every layer's shape,
+    sliding lengths, ``next_token``, thread count. Only then is a cache built, so a bad message
+    raises :class:`KVMismatch` and leaves nothing behind.
+    """
+    head = check_header(lm, KIND_FULL, specs_of(tensors), meta, strict_threads=strict_threads)
+    length = head.tokens[1]
     cache = new_cache(lm)
-    n = len(cache.layers)
-    _check(lm, tensors, meta, n, strict_threads)
-    length = int(meta["token_end"])  # type: ignore[arg-type]
-    staged = []
     for i, layer in enumerate(cache.layers):
-        k, v = tensors[f"L{i}.k"], tensors[f"L{i}.v"]
-        cum = length
-        if layer.is_sliding:
-            cum = _cumulative(meta, i)
-            if cum != length or k.shape[2] != min(length, layer.sliding_window - 1):
-                raise KVMismatch(f"L{i}: sliding layer holds {k.shape[2]} of {cum}, expected {length}")
-        elif k.shape[2] != length:
-            raise KVMismatch(f"L{i}: {k.shape[2]} tokens, expected {length}")
-        staged.append((layer, k, v, cum))
-    for layer, k, v, cum in staged:  # all checks passed: apply
-        _set_layer(layer, k, v, cum)
+        # sliding layers hold min(length, W-1) keys (checked); their true length is `length`
+        _set_layer(layer, tensors[f"L{i}.k"], tensors[f"L{i}.v"], length)
     logits = tensors.get("logits")
-    return State(cache, length, _opt_int(meta.get("next_token")),
-                 logits.float() if logits is not None else None)
+    return State(cache, length, head.next_token, logits.float() if logits is not None else None)
 
 
 def apply_delta(lm: LoadedModel, state: State, tensors: Tensors, meta: Meta, *,
                 strict_threads: bool = True) -> State:
-    """Append a KV_CACHE_DELTA to ``state`` in place (all checks first; nothing applied on error)."""
-    if meta.get("kind") != KIND_DELTA:
-        raise KVMismatch("not a delta")
-    if meta.get("token_start") != state.length:
-        raise KVMismatch(f"delta starts at {meta.get('token_start')}, cache ends at {state.length}")
-    layers = state.cache.layers
-    _check(lm, tensors, meta, len(layers), strict_threads)
-    end = int(meta["token_end"])  # type: ignore[arg-type]
+    """Append a KV_CACHE_DELTA to ``state`` in place (all checks first; nothing applied on error).
+
+    The delta must start exactly where ``state`` ends (keys carry RoPE). New caches are staged
+    for every layer before any layer is replaced, so the state changes all at once or not at all.
+    """
+    head = check_header(lm, KIND_DELTA, specs_of(tensors), meta, strict_threads=strict_threads,
+                        cache_length=state.length)
+    end = head.tokens[1]
     staged = []
-    for i, layer in enumerate(layers):
-        k, v = tensors[f"L{i}.k"], tensors[f"L{i}.v"]
-        if layer.is_sliding:
-            cum = _cumulative(meta, i)
-            if cum != end:
-                raise KVMismatch(f"L{i}: sliding length {cum} != {end}")
-            if k.shape[2] != min(end - state.length, layer.sliding_window - 1):
-                raise KVMismatch(f"L{i}: sliding delta holds {k.shape[2]} tokens")
-            keys = torch.cat([layer.keys, k], dim=-2)[:, :, -(layer.sliding_window - 1):]
-            vals = torch.cat([layer.values, v], dim=-2)[:, :, -(layer.sliding_window - 1):]
-            staged.append((layer, keys, vals, cum))
-        else:
-            if k.shape[2] != end - state.length:
-                raise KVMismatch(f"L{i}: {k.shape[2]} tokens, expected {end - state.length}")
-            staged.append((layer, torch.cat([layer.keys, k], dim=-2),
-                           torch.cat([layer.values, v], dim=-2), end))
-    for layer, k, v, cum in staged:
-        _set_layer(layer, k, v, cum)
+    for i, layer in enumerate(state.cache.layers):
+        k = torch.cat([layer.keys, tensors[f"L{i}.k"]], dim=-2)
+        v = torch.cat([layer.values, tensors[f"L{i}.v"]], dim=-2)
+        if layer.is_sliding:  # trim exactly as the sender's own cache did
+            k, v = k[:, :, -(layer.sliding_window - 1):], v[:, :, -(layer.sliding_window - 1):]
+        staged.append((layer, k, v))
+    for layer, k, v in staged:
+        _set_layer(layer, k, v, end)
     state.length = end
-    state.next_token = _opt_int(meta.get("next_token"))
+    state.next_token = head.next_token
     logits = tensors.get("logits")
     state.first_logits = logits.float() if logits is not None else None
     return state
@@ -240,18 +204,6 @@ def _set_layer(layer: Any, k: torch.Tensor, v: torch.Tensor, cum: int) -> None:
     layer.keys, layer.values = k, v
     if layer.is_sliding:
         layer.cumulative_length = cum  # DESIGN.md §10: lost by DynamicCache(ddp_cache_data=...)
-
-
-def _cumulative(meta: Meta, layer: int) -> int:
-    """The shipped true length of a sliding layer (DESIGN.md §10); -1 when missing."""
-    cl = meta.get("cumulative_length")
-    if not isinstance(cl, list) or len(cl) <= layer or not isinstance(cl[layer], int):
-        return -1
-    return cl[layer]
-
-
-def _opt_int(v: Any) -> int | None:
-    return None if v is None else int(v)
 
 
 @torch.inference_mode()

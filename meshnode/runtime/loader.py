@@ -30,9 +30,9 @@ from discovery.builders import (  # noqa: E402
     weights_digest,
 )
 from discovery.signature import ModelSignature  # noqa: E402
+from meshnode.runtime.dtypes import COMPUTE_DTYPES, LOGITS_DTYPE, dtype_name  # noqa: E402
 
 SMOLLM2_ALIAS = "smollm2"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_CACHE_DIR = Path(os.environ.get("LATENTLINK_CACHE_DIR", Path.home() / ".cache" / "latentlink"))
 
 
@@ -50,6 +50,22 @@ class TinySpec:
         return blake3.blake3(blob).hexdigest()[:16]
 
 
+@dataclass(frozen=True)
+class AcceptTerms:
+    """What a node running this model can apply — offer it in the handshake, so a peer never sends
+    bytes that would only be refused after they all moved.
+
+    ``kv_dtype``: KV is exact only in the dtype the model runs (an fp32 model fed bf16 KV drifts).
+    ``threads``: torch's thread count changes fp32 reduction order; sender and receiver must match.
+    ``wire_dtypes``: every dtype its messages may carry: the model dtype (KV, hidden slices,
+    residual patches, prefix embeddings) and fp32 (the last-position logits of a KV message).
+    """
+
+    kv_dtype: str
+    threads: int
+    wire_dtypes: frozenset[str]
+
+
 @dataclass
 class LoadedModel:
     """A model ready for capture/inject, with the identity peers compare before any exchange."""
@@ -63,7 +79,12 @@ class LoadedModel:
 
     @property
     def dtype_name(self) -> str:
-        return str(self.dtype).removeprefix("torch.")
+        return dtype_name(self.dtype)
+
+    @property
+    def accepts(self) -> AcceptTerms:
+        """The terms a peer's messages must meet (``runtime/accept.py`` enforces them per message)."""
+        return AcceptTerms(self.dtype_name, self.threads, frozenset({self.dtype_name, LOGITS_DTYPE}))
 
 
 def smollm2_gguf_path() -> Path:
@@ -87,8 +108,8 @@ def load_model(spec: str | os.PathLike[str] | TinySpec, dtype: str = "float32", 
     ``torch.set_num_threads(num_threads)`` is applied here because the thread count changes fp32
     reduction order: peers must use the same value for bitwise-equal logits (DESIGN.md §10).
     """
-    if dtype not in DTYPES:
-        raise ValueError(f"unsupported dtype {dtype!r}; one of {sorted(DTYPES)}")
+    if dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"unsupported dtype {dtype!r}; one of {sorted(COMPUTE_DTYPES)}")
     torch.set_num_threads(num_threads)
     cache = Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE_DIR
     digest_src: Path
@@ -104,13 +125,13 @@ def load_model(spec: str | os.PathLike[str] | TinySpec, dtype: str = "float32", 
             model_dir = path
             digest_src = path
     model = AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=DTYPES[dtype], local_files_only=True, attn_implementation=attn_implementation)
+        model_dir, dtype=COMPUTE_DTYPES[dtype], local_files_only=True, attn_implementation=attn_implementation)
     model.eval()
     tokenizer = _maybe_tokenizer(model_dir)
     digest = weights_digest(digest_src, cache_dir=cache)
     # KV is exact only in the dtype the model runs, so that is the one dtype this node offers
     sig = signature_from_config(model.config.to_dict(), digest, dtypes=(dtype,))
-    return LoadedModel(model, tokenizer, sig, DTYPES[dtype], num_threads, model_dir)
+    return LoadedModel(model, tokenizer, sig, COMPUTE_DTYPES[dtype], num_threads, model_dir)
 
 
 def signature_of_module(model: Any) -> ModelSignature:

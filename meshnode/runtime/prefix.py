@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import torch
 
+from meshnode.runtime.accept import KIND_PREFIX as KIND
+from meshnode.runtime.accept import PrefixMismatch, check_header, specs_of
 from meshnode.runtime.kv import Meta, State, Tensors, new_cache
 from meshnode.runtime.loader import LoadedModel
 
-KIND = "VIRTUAL_PREFIX"
-
-
-class PrefixMismatch(ValueError):
-    """Embeddings that do not fit this model; nothing was run."""
+__all__ = ["KIND", "PrefixMismatch", "capture_prefix", "prefill_with_prefix"]
 
 
 @torch.inference_mode()
@@ -30,12 +28,12 @@ def capture_prefix(lm: LoadedModel, ids: list[int]) -> tuple[Tensors, Meta]:
 
 @torch.inference_mode()
 def prefill_with_prefix(lm: LoadedModel, tensors: Tensors, meta: Meta, ids: list[int]) -> State:
-    """Prefill [received embeddings] + [embeddings of our ``ids``]; decode on with ``continue_greedy``."""
-    emb = tensors.get("embeds")
-    hsize = lm.model.config.get_text_config().hidden_size
-    if meta.get("kind") != KIND or emb is None or emb.dim() != 3 or emb.shape[0] != 1 \
-            or emb.shape[2] != hsize or emb.dtype != lm.dtype:
-        raise PrefixMismatch("embeddings do not fit this model")
+    """Prefill [received embeddings] + [embeddings of our ``ids``]; decode on with ``continue_greedy``.
+
+    The embeddings are checked in full (``accept.check_header``) first: :class:`PrefixMismatch`.
+    """
+    check_header(lm, KIND, specs_of(tensors, PrefixMismatch), meta, strict_threads=False)
+    emb = tensors["embeds"]
     parts = [emb]
     if ids:
         parts.append(lm.model.get_input_embeddings()(torch.tensor([ids])))

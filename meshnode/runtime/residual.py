@@ -8,21 +8,21 @@ abandoned, the model is untouched). An all-zero patch is skipped, so it is bitwi
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
 
+from meshnode.runtime.accept import KIND_PATCH as KIND
+from meshnode.runtime.accept import PatchRejected, check_header, specs_of
 from meshnode.runtime.arch import decoder_layers, layer_hidden, replace_hidden
 from meshnode.runtime.kv import Meta, Tensors
 from meshnode.runtime.loader import LoadedModel
 
-KIND = "RESIDUAL_PATCH"
+__all__ = ["DEFAULT_MAX_NORM_RATIO", "KIND", "PatchRejected", "capture_residual", "make_patch",
+           "residual_patch"]
 DEFAULT_MAX_NORM_RATIO = 2.0
-
-
-class PatchRejected(ValueError):
-    """The patch failed validation or the norm-ratio gate; nothing was applied."""
 
 
 def make_patch(layer: int, positions: list[int], patch: torch.Tensor, gain: float) -> tuple[Tensors, Meta]:
@@ -55,18 +55,15 @@ def residual_patch(lm: LoadedModel, tensors: Tensors, meta: Meta, *,
     """While active, forwards add the patch at absolute positions [token_start, token_end).
 
     ``offset`` is the absolute position of the first token of the forward being patched (the cache
-    length before it). ``negotiated_gain``, when given, must equal the message's gain.
+    length before it). ``negotiated_gain``, when given, must equal the message's gain. The
+    message is checked in full (``accept.check_header``) before the hook is installed.
     """
-    patch = tensors.get("patch")
+    head = check_header(lm, KIND, specs_of(tensors, PatchRejected), meta)
+    patch, layer, (t0, t1) = tensors["patch"], head.layers[0], head.tokens
+    gain = head.gain if head.gain is not None else 0.0
     layers = decoder_layers(lm.model)
-    layer = int(meta.get("layer_start", -1))  # type: ignore[arg-type]
-    gain = float(meta.get("gain", 0.0))  # type: ignore[arg-type]
-    t0, t1 = int(meta.get("token_start", 0)), int(meta.get("token_end", 0))  # type: ignore[arg-type]
-    hsize = lm.model.config.get_text_config().hidden_size
-    if meta.get("kind") != KIND or patch is None or not 0 <= layer < len(layers):
-        raise PatchRejected("not a usable residual patch")
-    if patch.dtype != lm.dtype or tuple(patch.shape) != (t1 - t0, hsize) or t0 < offset:
-        raise PatchRejected(f"patch {tuple(patch.shape)} {patch.dtype} does not fit")
+    if t0 < offset:
+        raise PatchRejected(f"patch starts at {t0}, before this forward's first token {offset}")
     if negotiated_gain is not None and gain != negotiated_gain:
         raise PatchRejected(f"gain {gain} != negotiated {negotiated_gain}")
     if gain == 0.0 or not bool(patch.any()):
@@ -81,7 +78,7 @@ def residual_patch(lm: LoadedModel, tensors: Tensors, meta: Meta, *,
             raise PatchRejected("patch positions beyond this forward's tokens")
         own = h[0, a:b].float().norm(dim=-1).clamp_min(1e-12)
         ratio = float((delta.float().norm(dim=-1) / own).max())
-        if ratio > max_norm_ratio:
+        if not math.isfinite(ratio) or ratio > max_norm_ratio:  # NaN compares False: refuse it too
             raise PatchRejected(f"norm ratio {ratio:.3g} exceeds {max_norm_ratio}")
         patched = h.clone()
         patched[0, a:b] = h[0, a:b] + delta

@@ -11,6 +11,9 @@ and acceptor A (data receiver)::
 
 A drops the connection (and logs) on an unknown session id or a wrong MAC; C refuses an acceptor
 that cannot prove the key either. Fresh nonces on both sides make a recorded handshake useless.
+The acceptor's steps are pure functions (its node runs them on non-blocking sockets under a
+timeout, so idle connections never hold a thread); the connector's side is a blocking call for
+its worker thread.
 """
 
 from __future__ import annotations
@@ -21,8 +24,6 @@ import os
 import socket
 import struct
 from typing import Any
-
-from ..errors import ErrorCode, ProtocolError
 
 MAGIC = b"LLN1"
 KIND_BULK = 1
@@ -37,19 +38,10 @@ class LaneAuthError(ConnectionError):
     """The other end of a lane socket could not prove the session key (or spoke garbage)."""
 
 
-def _raw_key(session: Any, sending: bool) -> bytes:
-    keys = session._keys  # transport is part of tensor_rpc: it may read the session's keys
-    if keys is None:
-        raise ProtocolError(ErrorCode.STATE, "session has no keys (handshake not complete)")
-    key = bytes(keys.send if sending else keys.recv)
-    if not any(key):
-        raise ProtocolError(ErrorCode.STATE, "session keys wiped")
-    return key
-
-
 def lane_key(session: Any, sending: bool) -> bytes:
-    """Key for the lane that carries chunks in one direction (same value on both ends)."""
-    raw = _raw_key(session, sending)
+    """Key for the lane that carries chunks in one direction (same value on both ends), derived
+    from the session's directional chunk key (``Session.lane_secret``; UsageError once wiped)."""
+    raw = session.lane_secret(sending)
     return hashlib.blake2b(_LABEL + session.session_id, key=raw, digest_size=32).digest()
 
 
@@ -83,18 +75,21 @@ def connect_handshake(sock: socket.socket, kind: int, session_id: bytes, key: by
     sock.sendall(mac(key, b"C", nc, na))
 
 
-def read_hello(sock: socket.socket) -> tuple[int, bytes, bytes]:
-    """Acceptor, step 1: (kind, session id, connector nonce)."""
-    magic, kind, sid, nc = HELLO.unpack(recv_exact(sock, HELLO.size))
+def parse_hello(data: bytes) -> tuple[int, bytes, bytes]:
+    """Acceptor, step 1 (pure): the connector's ``HELLO.size`` bytes -> (kind, session id, nonce)."""
+    magic, kind, sid, nc = HELLO.unpack(data)
     if magic != MAGIC or kind not in (KIND_BULK, KIND_SHM):
         raise LaneAuthError("not a LatentLink lane")
     return kind, sid, nc
 
 
-def accept_handshake(sock: socket.socket, nc: bytes, key: bytes) -> None:
-    """Acceptor, step 2: prove the key, then demand the connector's proof before any payload."""
+def acceptor_reply(key: bytes, nc: bytes) -> tuple[bytes, bytes]:
+    """Acceptor, step 2 (pure): (our nonce, the bytes to send: nonce || our proof of the key)."""
     na = os.urandom(NONCE_BYTES)
-    sock.sendall(na + mac(key, b"A", nc, na))
-    proof = recv_exact(sock, MAC_BYTES)
+    return na, na + mac(key, b"A", nc, na)
+
+
+def check_connector(key: bytes, nc: bytes, na: bytes, proof: bytes) -> None:
+    """Acceptor, step 3 (pure): the connector's proof, demanded before any payload."""
     if not hmac.compare_digest(proof, mac(key, b"C", nc, na)):
         raise LaneAuthError("lane connector failed to prove the session key")

@@ -2,8 +2,10 @@
 
 ``bulk``: a direct TCP connection; each chunk is ``mid:u64 | index:u32 | sealed_len:u32`` followed
 by the sealed bytes, sealed straight into one reusable send buffer and received with ``recv_into``
-into one reusable buffer, from which the session decrypts into the message buffer (one pass).
-Flow control is TCP's window: memory on both sides is one chunk per lane plus socket buffers.
+into one of the lane's own staging slots, from which the session decrypts into the message buffer
+(one pass). A lane never sees a message buffer: only the session writes there, and never again
+once the message is delivered. Flow control is TCP's window: memory on both sides is a couple of
+chunks per lane plus socket buffers.
 
 ``shm``: the connector creates a ring segment, proves the peer maps it (nonce challenge, see
 ``shm.py``), then seals each chunk straight into the ring and sends only
@@ -16,9 +18,9 @@ from __future__ import annotations
 
 import hmac
 import os
+import queue
 import socket
 import struct
-import threading
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -31,7 +33,7 @@ SHM_FRAME = struct.Struct(">QIIQ")
 FREED = struct.Struct(">I")
 SHM_OFFER = struct.Struct(">HQ")
 RING_BASE = 4096  # ring data starts after the page that holds the challenge nonce
-TAG_SLACK = 64  # bytes past the end of a message buffer where the last chunk's tag lands
+STAGING_SLOTS = 2  # bulk: chunk k+1 is received while the session opens chunk k
 Submit = Callable[[int, int, memoryview, Callable[[], None]], None]
 
 
@@ -123,12 +125,13 @@ class LaneSender:
 class LaneReceiver:
     """Receiver end: runs :meth:`run` in a worker thread until the lane closes."""
 
-    def __init__(self, sock: socket.socket, kind: int, max_sealed: int, chunk_bytes: int = 0) -> None:
-        self.sock, self.kind, self.chunk_bytes = sock, kind, chunk_bytes
+    def __init__(self, sock: socket.socket, kind: int, max_sealed: int) -> None:
+        self.sock, self.kind = sock, kind
         self.path = "bulk" if kind == KIND_BULK else "shm"
         self._max_sealed = max_sealed
         self.segment: Segment | None = None
         self._closed = False
+        self._free: queue.SimpleQueue[int] = queue.SimpleQueue()
 
     def attach_shm(self, key: bytes) -> None:
         """Map the sender's ring, answer its nonce challenge, unlink the name."""
@@ -140,37 +143,30 @@ class LaneReceiver:
         seg.prefault(write=False)
         self.sock.sendall(mac(key, b"S", bytes(seg.view[:NONCE_BYTES])))
 
-    def run(self, submit: Submit, dest: Callable[[int], memoryview | None] | None = None) -> None:
+    def run(self, submit: Submit) -> None:
         """Receive chunks and hand them to ``submit(mid, index, sealed_view, done)``.
 
-        bulk: ``dest(mid)`` gives the message's buffer (with tag slack past its end); each sealed
-        chunk is received at its final offset and the session decrypts it there in place (one
-        pass, no scratch copy). ``done()`` (called once the chunk is consumed) lets the next chunk
-        in; the kernel socket buffer keeps the sender busy meanwhile. shm: ``done()`` returns the
-        chunk's ring span to the sender, which is the lane's credit."""
+        bulk: each sealed chunk lands in one of the lane's ``STAGING_SLOTS`` staging buffers
+        (prefaulted once, reused); ``done()`` — called once the session consumed the chunk —
+        gives the slot back. shm: ``sealed_view`` lies in the sender's ring and ``done()`` returns
+        that span to the sender, which is the lane's credit."""
         if self.kind == KIND_BULK:
-            scratch = memoryview(bytearray(self._max_sealed))
-            free = threading.Semaphore(1)  # chunk k+1 may overlap chunk k's tag: one in flight
+            slots = [memoryview(bytearray(self._max_sealed)) for _ in range(STAGING_SLOTS)]
+            for i in range(STAGING_SLOTS):
+                self._free.put(i)
             head = bytearray(BULK_FRAME.size)
-            cur_mid, cur = -1, None
             while True:
                 recv_into_exact(self.sock, memoryview(head))
                 mid, idx, n = BULK_FRAME.unpack(head)
                 if n > self._max_sealed:
                     raise LaneAuthError(f"lane chunk of {n} bytes exceeds {self._max_sealed}")
-                if mid != cur_mid:
-                    cur_mid, cur = mid, (dest(mid) if dest is not None else None)
-                while not free.acquire(timeout=0.5):
-                    if self._closed:
-                        raise ConnectionError("lane closed")
-                off = idx * self.chunk_bytes
-                # straight into the message buffer (decrypted there in place), else a scratch slot
-                view = cur[off:off + n] if cur is not None and off + n <= len(cur) else scratch[:n]
+                slot = self._free.get()  # close() wakes us with -1
+                if self._closed or slot < 0:
+                    raise ConnectionError("lane closed")
+                view = slots[slot][:n]
                 recv_into_exact(self.sock, view)
-                submit(mid, idx, view, free.release)
+                submit(mid, idx, view, lambda slot=slot: self._free.put(slot))
                 view = None
-                if cur is not None and off + n > len(cur) - TAG_SLACK:
-                    cur_mid, cur = -1, None  # last chunk: let the buffer pool reuse this buffer
         assert self.segment is not None
         ring = self.segment.view[RING_BASE:]
         sock = self.sock
@@ -189,6 +185,7 @@ class LaneReceiver:
 
     def close(self) -> None:
         self._closed = True
+        self._free.put(-1)
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:

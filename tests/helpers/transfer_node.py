@@ -6,8 +6,11 @@ accepted automatically; every verified message prints ``{"event": "received", ..
 independent BLAKE3 of the whole buffer when the sender asked for ``check``).
 
 Commands: ``connect {addr}``, ``open {peer}``, ``send {size, path?, check?, source?, stall_at?}``,
-``sink {on}`` (stream incoming messages into a hashing sink: bounded memory), ``reset_peak``
-(restart VmHWM, the peak RSS), ``stats``, ``quit``. ``send`` with ``source`` produces the payload
+``send`` with ``break_at`` (a fraction) breaks the lane of its ``path`` when the sealer reaches
+that point of the payload. ``sink {on}`` (stream incoming messages into a hashing sink: bounded memory), ``hold {on}`` (keep
+received messages instead of releasing them) and ``held`` (BLAKE3 of each kept message, now),
+``reset_peak`` (restart VmHWM, the peak RSS), ``stats`` (counts, RSS, CPU, trio tasks, the tensor
+service's status), ``quit``. ``send`` with ``source`` produces the payload
 chunk by chunk (never held whole); ``stall_at`` (a fraction) makes that source print a ``midway``
 event and hang there, so a test can kill the sender mid-transfer deterministically.
 Run: ``python tests/helpers/transfer_node.py --data-dir DIR [--set section.key=value ...]``.
@@ -127,19 +130,30 @@ def rss() -> dict:
     return info
 
 
-async def break_lane(ts, path: str, delay: float) -> None:
-    with trio.move_on_after(10):
-        while ts._tx_lanes.get(path) is None:
-            await trio.sleep(0.001)
-    await trio.sleep(delay)
-    lane = ts._tx_lanes.get(path)
-    if lane is not None:
-        import socket
-        lane.sock.shutdown(socket.SHUT_RDWR)
-        out({"event": "lane_broken", "path": path})
+class BreakingSource:
+    """``data`` as a payload source that, the first time a chunk at or past ``at`` (a byte
+    offset) is asked for, breaks the session's lane for ``path`` (shuts its socket down): a lane
+    failure at a deterministic point of the transfer. ``chunk`` runs in the lane's thread."""
+
+    def __init__(self, data: np.ndarray, at: int, ts, path: str) -> None:
+        self.view, self.nbytes, self.at, self.ts, self.path = memoryview(data), len(data), at, ts, path
+        self.broken = False
+
+    def chunk(self, offset: int, n: int, scratch: memoryview) -> memoryview:
+        if not self.broken and offset >= self.at:
+            self.broken = True
+            lane = self.ts._sender.lanes._lanes.get(self.path)  # test hook: the session's own lane
+            if lane is not None:
+                import socket
+                lane.sock.shutdown(socket.SHUT_RDWR)
+                out({"event": "lane_broken", "path": self.path})
+        return self.view[offset:offset + n]
 
 
 async def main(args: argparse.Namespace) -> None:
+    if args.nofile:  # test hook: a low descriptor limit (EMFILE on the lane listener)
+        import resource
+        resource.setrlimit(resource.RLIMIT_NOFILE, (args.nofile, args.nofile))
     overrides = [f"node.data_dir={args.data_dir}", "host.listen_addrs=/ip4/127.0.0.1/tcp/0",
                  "control.enabled=false", "dht.enabled=false", *args.set]
     cfg = load_config(None, env={}, overrides=overrides)
@@ -149,6 +163,8 @@ async def main(args: argparse.Namespace) -> None:
     stats = {"received": 0, "bytes": 0}
     sessions: dict[str, object] = {}
     sink: list = [None]  # sink factory applied to every session
+    hold: list = [False]
+    held: list = []  # received messages kept (not released) while hold is on
 
     def attach(ts) -> None:
         sessions[str(ts.peer_id)] = ts
@@ -169,7 +185,10 @@ async def main(args: argparse.Namespace) -> None:
                 ev["blake3"] = rec.sink.hasher.hexdigest()
             elif rec.header.meta.get("check"):
                 ev["blake3"] = blake3.blake3(rec.buffer).hexdigest()
-            del rec
+            if hold[0]:
+                held.append(rec)
+            else:
+                rec.release()  # its memory may serve the next message (page faults cost ~1 GB/s)
             out(ev)
 
     async def acceptor(nursery) -> None:
@@ -190,7 +209,7 @@ async def main(args: argparse.Namespace) -> None:
         nursery.start_soon(acceptor, nursery)
         addr = str(node.addrs[0])
         out({"event": "ready", "addr": addr if "/p2p/" in addr else f"{addr}/p2p/{node.peer_id}", "peer_id": str(node.peer_id),
-             "bulk_port": node.tensors.bulk_port, "pid": os.getpid()})
+             "bulk_port": node.tensors.lanes.bulk[0][1], "pid": os.getpid()})
         while True:
             line = await trio.to_thread.run_sync(sys.stdin.readline)
             if not line:
@@ -218,19 +237,19 @@ async def main(args: argparse.Namespace) -> None:
                         digest = blake3.blake3(data).hexdigest() if cmd.get("check") else None
                     if cmd.get("announce"):
                         out({"event": "sending"})
-                    if cmd.get("break_after_s") is not None:  # test hook: kill the lane mid-transfer
-                        nursery.start_soon(break_lane, ts, cmd.get("path"), float(cmd["break_after_s"]))
                     t0 = time.perf_counter()
                     common = {"kind": Kind.KV_CACHE, "layers": (0, 1), "tokens": (0, 1),
                               "meta": {"check": bool(cmd.get("check"))}, "path": cmd.get("path")}
+                    spec = [TensorSpec("payload", "uint8", (size,), size)]
                     if data is None:
-                        sent = await ts.send_from([TensorSpec("payload", "uint8", (size,), size)],
-                                                  src, **common)
+                        sent = await ts.send_from(spec, src, **common)
                         digest = sent.checksums[0].hex()
+                    elif cmd.get("break_at") is not None:  # test hook: the lane fails mid-message
+                        brk = BreakingSource(data, int(size * cmd["break_at"]), ts, cmd.get("path"))
+                        sent = await ts.send_from(spec, brk, **common)
                     else:
                         sent = await ts.send([("payload", "uint8", [size], data)], **common)
                     dt = time.perf_counter() - t0
-                    node.record_sent(ts, sent, "KV_CACHE", (0, 1), (0, 1))
                     out({"ok": True, "path": sent.path, "mid": sent.message_id, "nbytes": sent.nbytes,
                          "elapsed_s": dt, "blake3": digest})
                 elif op == "sessions":
@@ -240,12 +259,20 @@ async def main(args: argparse.Namespace) -> None:
                     for ts in sessions.values():
                         ts.sink_factory = sink[0]
                     out({"ok": True})
+                elif op == "hold":
+                    hold[0] = bool(cmd.get("on", True))
+                    out({"ok": True})
+                elif op == "held":
+                    out({"ok": True, "held": [{"mid": r.message_id,
+                                              "blake3": blake3.blake3(r.buffer).hexdigest()}
+                                             for r in held]})
                 elif op == "reset_peak":
                     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
                     out({"ok": True, **rss()})
                 elif op == "stats":
                     # process_time: every thread, ns resolution (os.times ticks at 10 ms)
-                    out({"ok": True, **stats, **rss(), "cpu_s": time.process_time()})
+                    out({"ok": True, **stats, **rss(), "cpu_s": time.process_time(),
+                         "tasks": len(task_dump()), "tensor": node.tensors.status()})
                 elif op == "quit":
                     out({"ok": True})
                     break
@@ -261,4 +288,5 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data-dir", required=True)
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    p.add_argument("--nofile", type=int, default=0, help="RLIMIT_NOFILE for this process")
     trio.run(main, p.parse_args())
