@@ -167,7 +167,7 @@ class TransportSection:
                                "go on the libp2p stream (lower latency than a lane for small messages)")
     stream_read_bytes: int = _f(8 * MiB, 64 * KiB, 256 * MiB, doc="libp2p stream read size")
     stream_window_bytes: int = _f(16 * MiB, 256 * KiB, 16 * MiB, doc="yamux receive window granted at once")
-    recv_pool_bytes: int = _f(2 * GiB, 0, 64 * GiB, doc="idle prefaulted receive buffers kept for reuse")
+    recv_pool_bytes: int = _f(2 * GiB, 0, 64 * GiB, doc="receive memory kept for reuse (idle, or lent and reused once nothing exports it)")
     receive_queue_messages: int = _f(64, 1, 1 << 20, doc="verified messages waiting for the application "
                                      "before the session is closed as overloaded (none is dropped)")
 

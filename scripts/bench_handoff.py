@@ -77,7 +77,7 @@ async def bench(args: argparse.Namespace, rx: HandoffProc, root: Path) -> list[d
                     t0 = time.monotonic()
                     tensors, meta = kv.capture(lm, state)
                     cap = time.monotonic() - t0
-                    sent = await send_state(ts, tensors, meta, node=node, path=path)
+                    sent = await send_state(ts, tensors, meta, path=path)
                     ev = await trio.to_thread.run_sync(rx.next, "applied", 300.0)
                     got = {"path": sent.path, "bytes": sent.nbytes, "capture_s": cap,
                            "transfer_s": sent.elapsed_s, "inject_s": ev["inject_s"],

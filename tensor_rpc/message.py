@@ -231,6 +231,7 @@ class IncomingMessage:
         self.charged = 0  # bytes this message holds in the receive budget
         self.expected: tuple[bytes, ...] | None = None  # from the DIGEST frame
         self.buffer: memoryview | None = None
+        self._owner: Any = None  # what allocate() returned (may commit memory ahead, see below)
         self._allocate = allocate or bytearray
         self._opener = opener
         # BLAKE3 runs as chunks land (data still in cache), one hasher per tensor, in order
@@ -249,9 +250,18 @@ class IncomingMessage:
 
     def _ensure_buffer(self) -> memoryview:
         if self.buffer is None:
-            self.set_buffer(self._allocate(self.buffer_size))
+            self._owner = self._allocate(self.buffer_size)
+            self.set_buffer(self._owner)
         assert self.buffer is not None
         return self.buffer
+
+    def _commit_ahead(self, start: int, end: int) -> None:
+        """Let the buffer's owner commit payload bytes ``[start, end)`` before chunks land there,
+        if it can (an object with ``commit(start, end)``, e.g. the node's receive maps, which
+        populate pages in a worker thread): the event loop then never waits on page faults."""
+        commit = getattr(self._owner, "commit", None)
+        if commit is not None and end > start:
+            commit(start, end)
 
     @property
     def message_id(self) -> int:
@@ -277,8 +287,11 @@ class IncomingMessage:
         n = self.chunk_size(index)
         return buf[:n] if self.sink is not None else buf[off:off + n]
 
-    def open_chunk(self, index: int, sealed: bytes | bytearray | memoryview) -> int:
-        """Decrypt chunk ``index`` into its slot; ORDER if not the next one, DECRYPT if tampered."""
+    def open_chunk(self, index: int, sealed: bytes | bytearray | memoryview,
+                   commit_upto: int = 0) -> int:
+        """Decrypt chunk ``index`` into its slot; ORDER if not the next one, DECRYPT if tampered.
+        ``commit_upto``: payload bytes the receiver already charged, which the buffer may commit
+        ahead (past this chunk) while this one is opened."""
         if index != self.next_chunk:
             raise ProtocolError(ErrorCode.ORDER, f"chunk {index} arrived, expected {self.next_chunk}")
         n = self.chunk_size(index)
@@ -286,6 +299,8 @@ class IncomingMessage:
             raise ProtocolError(ErrorCode.ORDER, f"chunk {index} has {len(sealed)} sealed bytes, "
                                 f"expected {n + self._opener.tag_bytes}")
         dst = self.slot(index)  # checked first: a bad chunk never makes us allocate
+        if self.sink is None:
+            self._commit_ahead(index * self.chunk_bytes + n, commit_upto)
         self._opener.open_chunk_into(self.message_id, index, index == self.n_chunks - 1, sealed, dst)
         self.next_chunk += 1
         off = index * self.chunk_bytes

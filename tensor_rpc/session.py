@@ -644,17 +644,39 @@ class Session:
         raise ProtocolError(ErrorCode.ORDER, f"{what} for {state} message {mid}")
 
     def _open(self, msg: IncomingMessage, idx: int, sealed: bytes | bytearray | memoryview) -> None:
-        """Charge the chunk to the receive budget, then decrypt it into the message's memory."""
+        """Charge the chunk to the receive budget, then decrypt it into the message's memory.
+
+        A buffered message is charged up to the end of this chunk, plus — if the budget allows —
+        one chunk more: memory the owner may commit ahead of the data, off the event loop
+        (``IncomingMessage.commit_ahead``), so opening the next chunk does not page-fault. What
+        is committed never exceeds what is charged."""
         if idx != msg.next_chunk or idx >= msg.n_chunks:
             raise ProtocolError(ErrorCode.ORDER, f"chunk {idx} arrived, expected {msg.next_chunk}")
         n = msg.chunk_size(idx)
-        if self._budget is not None:
-            self._budget.reserve(self._peer, n)
-            msg.charged += n
-        msg.open_chunk(idx, sealed)
-        if msg.sink is not None and self._budget is not None:  # the sink holds it now, not us
-            self._budget.release(self._peer, n)
-            msg.charged -= n
+        if msg.sink is not None:  # one staging chunk, reused: nothing to commit ahead
+            if self._budget is not None:
+                self._budget.reserve(self._peer, n)
+            try:
+                msg.open_chunk(idx, sealed)
+            finally:
+                if self._budget is not None:  # the sink holds it now, not us
+                    self._budget.release(self._peer, n)
+            return
+        end = idx * msg.chunk_bytes + n
+        ahead = min(msg.nbytes, end + msg.chunk_bytes)
+        if self._budget is None:
+            msg.charged = max(msg.charged, ahead)
+        else:
+            if end > msg.charged:
+                self._budget.reserve(self._peer, end - msg.charged)
+                msg.charged = end
+            if ahead > msg.charged:
+                try:
+                    self._budget.reserve(self._peer, ahead - msg.charged)
+                    msg.charged = ahead
+                except ProtocolError:  # no room to look ahead: the next chunk faults its pages
+                    pass
+        msg.open_chunk(idx, sealed, commit_upto=msg.charged)
 
     def _finish(self, msg: IncomingMessage) -> list[Event]:
         del self._incoming[msg.message_id]

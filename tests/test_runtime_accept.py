@@ -20,7 +20,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meshnode.runtime import hidden, kv, prefix, residual
+from meshnode.runtime import accept, hidden, kv, prefix, residual
 from meshnode.runtime.accept import KVMismatch, Spec, check_header
 from meshnode.runtime.buffers import TensorSlice, tensor_bytes, tensors_from_buffer
 from meshnode.runtime.dtypes import COMPUTE_DTYPES, LOGITS_DTYPE, TORCH_DTYPES
@@ -174,7 +174,6 @@ def _kv_cases(lm: LoadedModel) -> list[tuple[str, dict[str, Any], str]]:
         ("token_end a string", {"token_end": "13"}, "token_end"),
         ("token_end negative", {"token_end": -13}, "token_end"),
         ("token_end huge", {"token_end": 2**70}, "token_end"),
-        ("past max positions", {"token_end": lm.model.config.max_position_embeddings}, "token_end"),
         ("other threads", {"threads": 2}, "threads"),
         ("threads as bool", {"threads": True}, "threads"),
         ("no threads", {"threads": None}, "threads"),
@@ -447,3 +446,13 @@ def test_bad_values_are_not_silently_coerced(llama: LoadedModel) -> None:
     for key, coerced in (("token_end", float(meta["token_end"])), ("layer_end", 4.0),
                          ("batch", False), ("threads", True), ("threads", 1.0)):
         _refused(llama, tensors, {**meta, key: coerced}, key)
+
+
+def test_learned_positions_bound_token_end_rotary_ones_do_not(cache_dir: Path) -> None:
+    """GPT-2's position table ends (an index past it crashes); rotary positions go on."""
+    gpt2 = _tiny("gpt2", cache_dir)
+    tensors, meta, _ = kv.prefill_and_capture(gpt2, TINY_PROMPT)
+    _refused(gpt2, tensors, {**meta, "token_end": gpt2.model.config.n_positions}, "token_end")
+    llama = _tiny("llama", cache_dir)
+    assert accept.layout(llama).max_positions is None
+    assert accept.layout(gpt2).max_positions == gpt2.model.config.n_positions

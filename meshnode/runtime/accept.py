@@ -102,10 +102,14 @@ def layout(lm: LoadedModel) -> Layout:
     heads = cfg.num_attention_heads
     windows = tuple(int(layer.sliding_window) if layer.is_sliding else None
                     for layer in DynamicCache(config=lm.model.config).layers)
+    # only a learned position table (GPT-2's wpe) ends: rotary positions go on past the trained
+    # length (degraded, never an IndexError), so a RoPE model has no hard bound here
+    rotary = any(getattr(cfg, k, None) is not None for k in ("rope_theta", "rope_parameters",
+                                                            "rope_scaling"))
+    max_positions = None if rotary else getattr(cfg, "max_position_embeddings", None)
     return Layout(len(windows), getattr(cfg, "num_key_value_heads", None) or heads,
                   getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
-                  cfg.hidden_size, cfg.vocab_size, getattr(cfg, "max_position_embeddings", None),
-                  windows)
+                  cfg.hidden_size, cfg.vocab_size, max_positions, windows)
 
 
 def specs_of(tensors: Mapping[str, Any], err: _Err = KVMismatch) -> list[Spec]:
@@ -264,10 +268,15 @@ def _int(meta: Mapping[str, Any], key: str, err: _Err) -> int:
     return v
 
 
+_U32 = (1 << 32) - 1
+
+
 def _range(meta: Mapping[str, Any], what: str, err: _Err) -> tuple[int, int]:
     a, b = _int(meta, f"{what}_start", err), _int(meta, f"{what}_end", err)
     if b < a:
         raise err(f"{what} range [{a}, {b}) runs backwards")
+    if b > _U32:  # the envelope's own bound (its ranges are u32)
+        raise err(f"{what}_end {b} beyond 2^32 - 1")
     return a, b
 
 

@@ -139,6 +139,10 @@ class TensorSession:
                 with trio.move_on_after(s.close_timeout_s):  # last words: CLOSE/ABORT + reason
                     await self.flush()
                 n.cancel_scope.cancel()
+        except Exception as exc:  # boundary: a fault in one session must not take the node down
+            log.error("tensor session failed", exc_info=exc,
+                      extra=kv(peer=self.peer_id, session=self.session_id))
+            self._handle(self.session.close("internal error"))
         finally:
             self._mark_closed("session stopped", self._close_error)
             for rx in list(self._rx_lanes):

@@ -21,9 +21,10 @@ class SessionClosed(ConnectionError):
 class Received:
     """One verified message: its envelope and zero-copy views of its tensors.
 
-    The views stay valid as long as they are referenced. Call :meth:`release` once nothing of the
-    message is needed any more: its memory may then be reused for a later message (never before,
-    so verified bytes are never rewritten under the application)."""
+    The views (and any tensor made from them) stay valid as long as they are referenced: the node
+    reuses a message's memory only once nothing exports it any more, so verified bytes are never
+    rewritten under the application. :meth:`release` drops this object's own views at once (the
+    memory comes back as soon as the application's tensors over it are gone too)."""
 
     peer_id: str
     header: Envelope
@@ -46,10 +47,10 @@ class Received:
         for v in views:
             try:
                 v.release()
-            except BufferError:  # something (e.g. torch.frombuffer) still exports it: theirs now
-                owner = None  # ... so the memory is not handed to another message either
+            except BufferError:  # a tensor over this very view lives on: the pool sees it exported
+                pass
         if owner is not None:
-            owner(obj)
+            owner(obj)  # pooled only if nothing exports it any more (meshnode.tensor.buffers)
 
 
 @dataclass(frozen=True)
