@@ -115,6 +115,7 @@ class DiscoverySettings:
     probe_timeout_s: float = 2.0
     max_record_bytes: int = 16 * 1024
     max_probes_per_lookup: int = 16
+    max_stored_records: int = 1024
 
 
 OpCallback = Callable[[str, bool], None]
@@ -159,7 +160,7 @@ class Discovery:
         # address (loopback/LAN here) acts as a server.
         mode = DHTMode.CLIENT if settings.mode == "client" else DHTMode.SERVER
         self.dht = StrictKadDHT(host, mode, {NAMESPACE: RecordValidator(settings.max_record_bytes)},
-                                self._on_refuse)
+                                self._on_refuse, settings.max_stored_records)
         self.served: dict[str, ModelSignature] = {}
         self.roles: tuple[str, ...] = ()
         self._seq = int(time.time() * 1000)

@@ -52,9 +52,11 @@ class StrictValidator(NamespacedValidator):
     namespace's validator refused the value).
     """
 
-    def __init__(self, validators: dict[str, Validator], on_refuse: RefuseCallback) -> None:
+    def __init__(self, validators: dict[str, Validator], on_refuse: RefuseCallback,
+                 room: Callable[[str], bool] = lambda key: True) -> None:
         super().__init__(dict(validators), strict_validation=True)
         self._on_refuse = on_refuse
+        self._room = room  # may a value under this key be stored (store not full, or a known key)
 
     def _refused(self, reason: str, key: str, namespace: str | None, detail: str) -> None:
         self._on_refuse(reason)
@@ -74,14 +76,21 @@ class StrictValidator(NamespacedValidator):
         except ValueError as exc:  # our validators signal a bad value with ValueError subclasses
             self._refused("invalid_record", key, namespace, str(exc))
             raise
+        if not self._room(key):  # anyone can mint identities, each with a valid record
+            self._refused("store_full", key, namespace, "value store full (dht.max_stored_records)")
+            raise InvalidRecordType("value store full")
 
 
 class StrictKadDHT(KadDHT):
     """``KadDHT`` whose value store takes only records a registered namespace validator accepts."""
 
     def __init__(self, host: IHost, mode: DHTMode, validators: dict[str, Validator],
-                 on_refuse: RefuseCallback) -> None:
-        super().__init__(host, mode, validator=StrictValidator(validators, on_refuse),
+                 on_refuse: RefuseCallback, max_values: int = 1024) -> None:
+        def room(key: str) -> bool:
+            store = self.value_store.store
+            return key.encode() in store or len(store) < max_values
+
+        super().__init__(host, mode, validator=StrictValidator(validators, on_refuse, room),
                          validator_changed=True,  # no default pk/ipns validators either
                          strict_validation=True)
 

@@ -120,6 +120,8 @@ class DhtSection:
     probe_timeout_s: float = _f(2.0, 0.05, 120.0, doc="unreachable providers are filtered after this")
     max_record_bytes: int = _f(16 * KiB, 256, 1 * MiB)
     max_probes_per_lookup: int = _f(16, 1, 10000, doc="providers whose record a lookup fetches")
+    max_stored_records: int = _f(1024, 1, 1000000, doc="signed records other peers may store on "
+                                 "this node (DHT value store); more new keys are refused")
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,9 @@ from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux as _LibYamux
 
 from meshnode.config import HostSection
+from meshnode.logs import get_logger, kv
+
+log = get_logger("meshnode.host")
 
 
 def security_options(key_pair: KeyPair) -> dict:
@@ -128,3 +131,29 @@ async def grow_yamux_window(stream: Any, target: int) -> None:
         await stream.send_window_update(grow)
     except AttributeError:
         return
+
+
+async def close_stream(stream: Any, clean: bool, timeout_s: float) -> None:
+    """FIN after a protocol's last words (a reset would make the peer's muxer discard what it has
+    not read yet); after an error, wait at most ``timeout_s`` for the peer to end its side too,
+    then reset, so a peer that never reads or closes cannot keep the stream alive."""
+    try:
+        with trio.move_on_after(timeout_s):
+            await stream.close()
+            if clean:
+                return
+            while await stream.read(65536):  # discard: the conversation is over
+                pass
+            return
+        await stream.reset()
+    except Exception as exc:  # boundary: the stream is gone either way
+        log.debug("stream close", extra=kv(err=exc))
+
+
+def remote_ip(stream: Any) -> str | None:
+    """The IP the stream's connection comes from, if the transport knows one."""
+    try:
+        addr = stream.get_remote_address()
+        return addr[0] if addr else None
+    except (AttributeError, OSError):
+        return None

@@ -71,7 +71,8 @@ class Node:
             self.discovery = Discovery(
                 self.host, self.key_pair,
                 DiscoverySettings(d.mode, d.record_ttl_s, d.refresh_interval_s, d.probe_timeout_s,
-                                  d.max_record_bytes, max_probes_per_lookup=d.max_probes_per_lookup),
+                                  d.max_record_bytes, max_probes_per_lookup=d.max_probes_per_lookup,
+                                  max_stored_records=d.max_stored_records),
                 on_op=lambda op, ok: self.metrics.dht_ops.labels(op=op, result="ok" if ok else "failed").inc(),
                 on_refuse=self.metrics.refuser("dht"))
         self.limits = Limits.from_config(config)

@@ -78,3 +78,12 @@ def test_cipher_names_match_the_protocol():
 def test_example_config_lists_every_key_with_its_default():
     from meshnode.config_doc import render_toml
     assert (ROOT / "configs" / "node.toml").read_text() == render_toml()
+
+
+def test_runtime_dtype_choices_are_the_runtimes_compute_dtypes():
+    import dataclasses
+
+    from meshnode.config import RuntimeSection
+    from meshnode.runtime.dtypes import COMPUTE_DTYPES
+    choices = {f.name: f.metadata["choices"] for f in dataclasses.fields(RuntimeSection)}["dtype"]
+    assert set(choices) == set(COMPUTE_DTYPES)

@@ -61,3 +61,31 @@ async def test_put_value_outside_our_namespace_is_refused_over_the_wire(caplog):
             assert parse_record(stored.value, 16 * 1024, key=key.decode()).peer_id == str(b.get_id())
             assert len(refused) == 3
             n.cancel_scope.cancel()
+
+
+async def test_value_store_is_bounded_even_for_valid_records():
+    """Anyone can mint identities, each with a valid record: the store takes only so many keys."""
+    refused: list[str] = []
+    kp_a, kp_b = create_new_key_pair(), create_new_key_pair()
+    a, b = build_host(CFG, kp_a), build_host(CFG, kp_b)
+    limit = 3
+    async with a.run(listen_addrs=listen_multiaddrs(CFG)), b.run(listen_addrs=listen_multiaddrs(CFG)):
+        ours = Discovery(a, kp_a, DiscoverySettings(max_stored_records=limit),
+                         on_refuse=refused.append)
+        theirs = KadDHT(b, DHTMode.CLIENT)
+        async with trio.open_nursery() as n:
+            await n.start(ours.run)
+            with trio.fail_after(10):
+                await b.connect(info_from_p2p_addr(a.get_addrs()[0]))
+            stored = []
+            for _ in range(limit + 2):  # fresh identities, each with its own valid record
+                kp = create_new_key_pair()
+                key = record_key(ID.from_pubkey(kp.public_key)).encode()
+                rec = make_record(kp, [fake_signature(0)], [], seq=1, ttl_s=60)
+                with trio.fail_after(10):
+                    ok = await theirs.value_store._store_at_peer(
+                        a.get_id(), key, rec, record=make_signed_put_record(key, rec, b.get_private_key()))
+                stored.append(ok)
+            assert len(ours.dht.value_store.store) <= limit
+            assert stored.count(False) >= 2 and refused.count("store_full") == stored.count(False)
+            n.cancel_scope.cancel()

@@ -30,6 +30,16 @@ from tests.helpers.handoff_peer import HandoffProc
 from tests.helpers.runtime_models import TINY_MODELS, TINY_PROMPT
 
 N = 8
+MARGIN = 128 * 1024 * 1024  # the messages are a few hundred KiB; this is interpreter and libp2p
+
+
+def _status(pid: int) -> dict[str, int]:
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(("VmRSS", "VmHWM")):
+            k, v = line.split(":")
+            out[k] = int(v.split()[0]) * 1024
+    return out
 BAD_DTYPES = ["float64", "int8", "int16", "bool", "bfloat16", "uint8"]
 BAD_TOKENS = ["7", math.nan, -1, 256, 3.0, True, 2**64 - 1]  # the tiny vocab is 256
 
@@ -73,6 +83,8 @@ async def test_malformed_kv_is_rejected_and_the_receiver_lives_on(model, tmp_pat
     procs = [rx]
     try:
         await trio.to_thread.run_sync(rx.next, "model", 60)
+        Path(f"/proc/{rx.proc.pid}/clear_refs").write_text("5")  # VmHWM := VmRSS
+        base = _status(rx.proc.pid)
         tensors, meta, _ = kv.prefill_and_capture(lm, TINY_PROMPT)
         async with attacker(tmp_path) as atk:
             peer = await atk.connect(rx.addr)
@@ -89,6 +101,11 @@ async def test_malformed_kv_is_rejected_and_the_receiver_lives_on(model, tmp_pat
                 assert isinstance(verdict, MessageRejected), tok
                 assert "next_token" in verdict.error.message, verdict.error
             assert rx.proc.poll() is None  # alive
+            grown = _status(rx.proc.pid)["VmHWM"] - base["VmRSS"]
+            print(f"\n[hostile] malformed-but-compatible KV x{len(BAD_DTYPES) + len(BAD_TOKENS)} "
+                  f"against handoff receive: peak RSS +{max(grown, 0) >> 20} MiB (bound "
+                  f"{MARGIN >> 20} MiB); every one REJECTed naming its reason")
+            assert grown < MARGIN
             good = await _send(raw, _message(lm, tensors, meta))
             assert isinstance(good, AckReceived)  # the session itself still works
         applied = await trio.to_thread.run_sync(rx.next, "applied", 60)

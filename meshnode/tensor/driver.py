@@ -27,7 +27,7 @@ import trio
 from libp2p.network.stream.exceptions import StreamEOF
 from libp2p.peer.id import ID
 
-from meshnode.host import grow_yamux_window
+from meshnode.host import close_stream, grow_yamux_window, remote_ip
 from meshnode.logs import get_logger, kv
 from meshnode.tensor.events import (
     MessageApplied,
@@ -148,24 +148,8 @@ class TensorSession:
             for rx in list(self._rx_lanes):
                 rx.close()
             with trio.CancelScope(shield=True):
-                await self._close_stream(s.close_timeout_s)
+                await close_stream(self.stream, self._clean, s.close_timeout_s)
             self._service.forget(self)
-
-    async def _close_stream(self, timeout_s: float) -> None:
-        """FIN after our last words (a reset would make the peer's muxer discard the CLOSE/ABORT
-        it has not read yet); after an error, wait at most ``timeout_s`` for the peer to end its
-        side too, then reset, so a peer that never reads or closes cannot keep the stream alive."""
-        try:
-            with trio.move_on_after(timeout_s):
-                await self.stream.close()
-                if self._clean:
-                    return
-                while await self.stream.read(65536):  # discard: the session is over
-                    pass
-                return
-            await self.stream.reset()
-        except Exception as exc:  # boundary: the stream is gone either way
-            log.debug("tensor stream close", extra=kv(peer=self.peer_id, err=exc))
 
     async def _reader(self) -> None:
         read_bytes = self._settings.stream_read_bytes
@@ -410,8 +394,8 @@ class TensorSession:
         return SessionClosed(self._close_reason or "session closed", self._close_error)
 
     async def receive(self, timeout_s: float | None = None) -> Received:
-        """Next verified message from the peer. From here on its memory is the application's:
-        call ``Received.release()`` when done so the node can reuse it."""
+        """Next verified message from the peer. From here on its memory is the application's; the
+        node reuses it only once nothing (no view, array or tensor) exports it any more."""
         try:
             with trio.fail_after(math.inf if timeout_s is None else timeout_s):
                 rec = await self._in_recv.receive()
@@ -438,8 +422,4 @@ class TensorSession:
             self._handle(self.session.close(reason))
 
     def _remote_ip(self) -> str | None:
-        try:
-            addr = self.stream.get_remote_address()
-            return addr[0] if addr else None
-        except (AttributeError, OSError):
-            return None
+        return remote_ip(self.stream)

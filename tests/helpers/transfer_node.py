@@ -272,7 +272,9 @@ async def main(args: argparse.Namespace) -> None:
                 elif op == "stats":
                     # process_time: every thread, ns resolution (os.times ticks at 10 ms)
                     out({"ok": True, **stats, **rss(), "cpu_s": time.process_time(),
-                         "tasks": len(task_dump()), "tensor": node.tensors.status()})
+                         "tasks": len(tasks := task_dump()), "tensor": node.tensors.status(),
+                         "session_tasks": sum("meshnode.tensor.driver" in t or "feed_lane" in t
+                                              for t in tasks)})
                 elif op == "quit":
                     out({"ok": True})
                     break
