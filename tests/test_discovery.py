@@ -25,6 +25,7 @@ from meshnode.node import open_node
 from tests.helpers.cluster import ClusterProc
 from tests.helpers.nodeproc import wait_until
 from tests.helpers.sigs import fake_signature
+from tests.helpers.waits import until
 
 # 30 nodes on 2 vCPUs settle in ~100 s when the box is busy; the bound leaves CI headroom.
 SETTLE_BOUND_S = 200
@@ -108,16 +109,6 @@ def _cfg(tmp_path, name: str, *extra: str):
                                           "control.enabled=false", *FAST, *extra])
 
 
-async def _until(fn, bound: float, what: str):
-    """Poll an async lookup within ``bound`` (a remote record has no event to wait on)."""
-    last = None
-    with trio.move_on_after(bound):
-        while True:
-            last = await fn()
-            if last:
-                return last
-            await trio.sleep(0.5)
-    raise AssertionError(f"no {what} within {bound}s; last={last!r}")
 
 
 async def test_provider_that_stops_refreshing_vanishes_once_its_ttl_passes(tmp_path):
@@ -135,13 +126,13 @@ async def test_provider_that_stops_refreshing_vanishes_once_its_ttl_passes(tmp_p
         async def gone():
             return not await found()
 
-        await _until(found, LOOKUP_BOUND_S, "provider found")
+        await until(found, LOOKUP_BOUND_S, "provider found")
         b.discovery.stop_refreshing()
-        await _until(gone, LOOKUP_BOUND_S, "lapsed provider dropped from lookups")
+        await until(gone, LOOKUP_BOUND_S, "lapsed provider dropped from lookups")
         assert b.peer_id in a.host.get_connected_peers()  # it never went away
         # The lapse was the only reason: announcing again brings it back.
         await b.discovery.publish()
-        await _until(found, LOOKUP_BOUND_S, "re-announced provider found")
+        await until(found, LOOKUP_BOUND_S, "re-announced provider found")
 
 
 def test_forged_records_rejected():
@@ -185,7 +176,7 @@ async def test_remote_store_refuses_forged_and_lookup_ignores_unserved_claims(tm
         # record does not list): lookups for model 1 must not return it.
         await c.advertise(fake_signature(0))
         await c.discovery.dht.provide(provider_key(fake_signature(1).compat_key))
-        await _until(lambda: b.find_compatible(fake_signature(0)), LOOKUP_BOUND_S, "c found")
+        await until(lambda: b.find_compatible(fake_signature(0)), LOOKUP_BOUND_S, "c found")
         assert [p.peer_id for p in await b.find_compatible(fake_signature(0))] == [str(c.peer_id)]
         assert await b.find_compatible(fake_signature(1)) == []
 

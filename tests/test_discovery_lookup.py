@@ -13,6 +13,7 @@ from discovery.dht import Discovery, DiscoverySettings, plan_probes
 from meshnode.config import HostSection
 from meshnode.host import build_host, listen_multiaddrs
 from tests.helpers.sigs import fake_signature
+from tests.helpers.waits import until
 
 LOOKUP_BOUND_S = 60
 
@@ -62,16 +63,6 @@ async def _connect(a: Discovery, b: Discovery) -> None:
         await a.host.connect(info_from_p2p_addr(b.host.get_addrs()[0]))
 
 
-async def _until(fn, bound: float, what: str):
-    """Poll an async lookup (there is no event for "a remote record changed") within ``bound``."""
-    last = None
-    with trio.move_on_after(bound):
-        while True:
-            last = await fn()
-            if last:
-                return last
-            await trio.sleep(0.3)
-    raise AssertionError(f"no {what} within {bound}s; last={last!r}")
 
 
 async def test_lookup_probes_at_most_the_bound_and_filters_by_role():
@@ -91,14 +82,14 @@ async def test_lookup_probes_at_most_the_bound_and_filters_by_role():
         async def all_found():
             return {r.peer_id for r in await seeker.find(key)} == ids
 
-        await _until(all_found, LOOKUP_BOUND_S, "lookup finding all 4 providers")
+        await until(all_found, LOOKUP_BOUND_S, "lookup finding all 4 providers")
         assert refused == []
 
         async def appliers():
             got = await seeker.find(key, role="apply")
             return {r.peer_id: r.roles for r in got}
 
-        got = await _until(appliers, LOOKUP_BOUND_S, "lookup with role=apply finding 2 providers")
+        got = await until(appliers, LOOKUP_BOUND_S, "lookup with role=apply finding 2 providers")
         assert got == {str(providers[0].peer_id): ("apply",),
                        str(providers[1].peer_id): ("apply", "relay")}
         assert await seeker.find(key, role="store") == []
@@ -119,5 +110,5 @@ async def test_lookup_probes_at_most_the_bound_and_filters_by_role():
         async def three_appliers():
             return len(await appliers()) == 3
 
-        await _until(three_appliers, LOOKUP_BOUND_S, "lookup seeing the new role")
+        await until(three_appliers, LOOKUP_BOUND_S, "lookup seeing the new role")
         n.cancel_scope.cancel()

@@ -24,7 +24,7 @@ from meshnode.runtime import accept, hidden, kv, prefix, residual
 from meshnode.runtime.accept import KVMismatch, Spec, check_header
 from meshnode.runtime.buffers import TensorSlice, tensor_bytes, tensors_from_buffer
 from meshnode.runtime.dtypes import COMPUTE_DTYPES, LOGITS_DTYPE, TORCH_DTYPES
-from meshnode.runtime.loader import AcceptTerms, LoadedModel, TinySpec, load_model
+from meshnode.runtime.loader import AcceptTerms, LoadedModel
 from tensor_rpc.envelope import DTYPES as WIRE_DTYPES
 from tensor_rpc.envelope import (
     ApplyMode,
@@ -35,7 +35,7 @@ from tensor_rpc.envelope import (
     decode_envelope,
     encode_envelope,
 )
-from tests.helpers.runtime_models import TINY_MODELS, TINY_PROMPT, TINY_TURN2
+from tests.helpers.runtime_models import TINY_PROMPT, TINY_TURN2, tiny
 
 N = 16
 BAD_NEXT_TOKENS = ["7", float("nan"), 3.0, True, -1, "VOCAB", 2**70]  # "VOCAB": the vocab size
@@ -46,9 +46,7 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("accept-cache")
 
 
-def _tiny(name: str, cache_dir: Path, dtype: str = "float32") -> LoadedModel:
-    s = TINY_MODELS[name]
-    return load_model(TinySpec(s["type"], s["config"]), dtype=dtype, cache_dir=cache_dir)
+_tiny = tiny
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,8 @@ from transformers import DynamicCache
 from meshnode.runtime import kv
 from meshnode.runtime.arch import decoder_layers
 from meshnode.runtime.buffers import TensorSlice, tensor_bytes, tensors_from_buffer
-from meshnode.runtime.loader import LoadedModel, TinySpec, load_model
-from tests.helpers.runtime_models import TINY_MODELS, TINY_PROMPT, TINY_TURN2
+from meshnode.runtime.loader import LoadedModel
+from tests.helpers.runtime_models import TINY_PROMPT, TINY_TURN2, tiny
 
 RUNTIME = Path(__file__).resolve().parents[1] / "meshnode" / "runtime"
 
@@ -26,9 +26,7 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("traps-cache")
 
 
-def _tiny(name: str, cache_dir: Path, dtype: str = "float32") -> LoadedModel:
-    s = TINY_MODELS[name]
-    return load_model(TinySpec(s["type"], s["config"]), dtype=dtype, cache_dir=cache_dir)
+_tiny = tiny
 
 
 @pytest.fixture(scope="module")

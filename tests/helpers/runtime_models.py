@@ -22,3 +22,11 @@ TINY_MODELS: dict[str, dict[str, Any]] = {
 
 TINY_PROMPT = [5, 17, 42, 99, 3, 250, 7, 64, 128, 11, 13, 200, 31]
 TINY_TURN2 = [77, 78, 79, 80, 81, 82, 83, 84]
+
+
+def tiny(name: str, cache_dir: Any, dtype: str = "float32") -> Any:
+    """A tiny seeded model of family ``name``, saved and loaded through the real loading path."""
+    from meshnode.runtime.loader import TinySpec, load_model
+
+    s = TINY_MODELS[name]
+    return load_model(TinySpec(s["type"], s["config"]), dtype=dtype, cache_dir=cache_dir)
