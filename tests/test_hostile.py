@@ -4,21 +4,31 @@ stays within its configured budget, and an honest peer's transfer completes veri
 The victim and the honest peer are real node processes (``tests/helpers/transfer_node.py``) on
 127.0.0.1; the attacker (``tests/helpers/attacker.py``) is a real libp2p host in this test's trio
 loop, built from our own protocol modules and misusing them on purpose. Peak RSS is the victim's
-VmHWM from /proc, reset before each attack. Forged CRDT outcomes and values in unvalidated DHT
-namespaces are attacked over real hosts in tests/test_crdt_ownership.py and
-tests/test_discovery_strict.py; a malformed KV cache against ``meshnode handoff receive`` is in
-tests/test_hostile_handoff.py.
+VmHWM from /proc, reset before each attack; ``pytest -s`` prints each attack's figures. A malformed
+KV cache against ``meshnode handoff receive`` is in tests/test_hostile_handoff.py; the CRDT and DHT
+rules behind the last two attacks are pinned in detail in tests/test_crdt_ownership.py and
+tests/test_discovery_strict.py.
 """
 
 from __future__ import annotations
 
+import json
+import secrets
 import socket
+import time
 
 import blake3
 import pytest
 import trio
+from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
 from libp2p.network.stream.exceptions import StreamEOF
+from libp2p.records.record import make_signed_put_record
 
+from crdt_state import CrdtLimits, CrdtService
+from crdt_state.schema import Outcome
+from crdt_state.service import PROTOCOL_ID as CRDT_PROTOCOL
+from crdt_state.testing import forge
+from crdt_state.wire import Records, encode
 from meshnode.config import TransportSection
 from meshnode.tensor.lanes_out import _connect_bulk, bulk_targets
 from tensor_rpc import (
@@ -38,6 +48,7 @@ from tensor_rpc.testing import split_frames
 from tensor_rpc.transport import lane_key
 from tensor_rpc.transport.lane import BULK_FRAME
 from tests.helpers.attacker import MiB, RawSession, attacker
+from tests.helpers.nodeproc import control_get
 from tests.helpers.sigs import fake_signature
 from tests.helpers.transfer_peer import Peer, link
 
@@ -52,7 +63,9 @@ VICTIM = [f"limits.inflight_bytes={BUDGET}", f"limits.inflight_bytes_per_peer={P
           f"limits.max_sessions_per_peer={SESSIONS_PER_PEER}", f"limits.messages_in_flight={IN_FLIGHT}",
           f"transport.progress_timeout_s={PROGRESS_S}", f"protocol.handshake_timeout_s={HANDSHAKE_S}",
           f"protocol.idle_timeout_s={IDLE_S}", "transport.lane_preauth_timeout_s=1",
-          "transport.lane_preauth_max=16", f"limits.shared_token={TOKEN}"]
+          "transport.lane_preauth_max=16", f"limits.shared_token={TOKEN}",
+          "dht.enabled=true", "control.enabled=true", "control.port=0",
+          "crdt.anti_entropy_interval_s=0.2"]
 SIG = fake_signature(0)
 LIM = Limits(shared_token=TOKEN)
 
@@ -74,9 +87,13 @@ async def call(peer: Peer, **cmd) -> dict:
 
 
 async def honest_transfer(victim: Peer, honest: Peer, path: str | None = None) -> dict:
-    """The honest peer sends HONEST bytes (a fresh session); the victim's BLAKE3 must match."""
-    await trio.to_thread.run_sync(link, honest, victim)
-    r = await call(honest, op="send", size=HONEST, path=path, check=True, timeout=120)
+    """The honest peer sends HONEST bytes (on its session, or a fresh one if that one ended, e.g.
+    idled out); the victim's BLAKE3 must match."""
+    send = dict(op="send", size=HONEST, path=path, check=True, timeout=120)
+    r = await trio.to_thread.run_sync(lambda: honest.cmd(**send))
+    if not r["ok"]:
+        await trio.to_thread.run_sync(link, honest, victim)
+        r = await call(honest, **send)
 
     def received() -> dict:
         while True:
@@ -363,3 +380,53 @@ async def test_lane_frame_after_delivery_is_refused_and_changes_nothing(mesh, tm
         assert before in after  # the delivered tensors' BLAKE3 is unchanged
     finally:
         await call(victim, op="hold", on=False)
+
+
+async def test_forged_crdt_outcome_is_refused(mesh, tmp_path):
+    """A peer that shares a session document with the victim writes an outcome *as the victim*
+    (the receiver's verdict): the victim's replica refuses the record and keeps its own log."""
+    victim, honest = mesh
+    base = await call(victim, op="reset_peak")
+    async with attacker(tmp_path) as atk:
+        peer = await atk.connect(victim.addr)
+        crdt = CrdtService(atk.host, atk.key_pair, limits=CrdtLimits(anti_entropy_interval_s=0.2))
+        async with crdt.run():
+            sid = secrets.token_hex(16)
+            crdt.create_session(sid, "ck", {victim.peer_id: "receiver"})
+            mid = crdt.log_message(sid, kind="KV_CACHE", receiver=victim.peer_id)
+            url = control_url(victim)
+            with trio.fail_after(20):  # the victim took the document (it names it)
+                while not (await trio.to_thread.run_sync(control_get, url, f"/sessions/{sid}")):
+                    await trio.sleep(0.2)
+            forged = forge(crdt.engine.signer, crdt.engine, sid, lambda d: d.record_outcome(
+                Outcome(mid, "applied", victim.peer_id, time.time(), "forged",
+                        sender=crdt.peer_id)))
+            stream = await atk.host.new_stream(peer, [CRDT_PROTOCOL])
+            await stream.write(encode(Records(sid, [forged])))
+            with trio.fail_after(20):
+                while "forged_outcome" not in victim.log():
+                    await trio.sleep(0.2)
+            doc = await trio.to_thread.run_sync(control_get, url, f"/sessions/{sid}")
+            assert all(m["outcome"] is None for m in doc["messages"])  # no verdict in its name
+            await during_attack(victim, honest, base, "forged CRDT outcome")
+            await stream.reset()
+
+
+async def test_values_in_unvalidated_dht_namespaces_are_refused(mesh, tmp_path):
+    victim, honest = mesh
+    base = await call(victim, op="reset_peak")
+    async with attacker(tmp_path) as atk:
+        peer = await atk.connect(victim.addr)
+        theirs = KadDHT(atk.host, DHTMode.CLIENT)  # a stock py-libp2p DHT as the sender
+        for key in (b"/evil/x", b"no-namespace"):
+            rec = make_signed_put_record(key, b"parked data", atk.host.get_private_key())
+            with trio.fail_after(10):
+                assert not await theirs.value_store._store_at_peer(peer, key, b"parked data",
+                                                                   record=rec)
+        await during_attack(victim, honest, base, "values in unvalidated DHT namespaces")
+    assert "dht value refused" in victim.log() and "unknown_namespace" in victim.log()
+
+
+def control_url(peer: Peer) -> str:
+    info = json.loads((peer.dir / "control.json").read_text())
+    return f"http://127.0.0.1:{info['port']}"

@@ -25,6 +25,18 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def control_get(url: str, path: str):
+    """GET a control-API JSON route of a node; None for 404 (e.g. a session not known yet)."""
+    import urllib.error
+    try:
+        with urllib.request.urlopen(url + path, timeout=5) as r:
+            return json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        if exc.code == 404:
+            return None
+        raise
+
+
 class NodeProc:
     """One node process listening on 127.0.0.1 with an ephemeral port and control port."""
 
