@@ -72,8 +72,12 @@ def test_smollm2_handoff_through_nodes(tmp_path: Path, cache: Path) -> None:
         assert tx.wait(30) == 0  # closes the session and stops its node cleanly
         # every transfer is in the session's CRDT log (path, bytes, checksums), replicated to rx
         sid = tx.of("session")[0]["session"]
-        doc = wait_until(lambda: (d := rx.control(f"/sessions/{sid}")) and len(d["messages"]) == 3 and d,
-                         20, 0.2, "the session log to replicate to the receiver")
+        doc = wait_until(lambda: (d := rx.control(f"/sessions/{sid}")) and len(d["messages"]) == 3
+                         and all(m["outcome"] for m in d["messages"]) and d,
+                         20, 0.2, "the session log (and the receiver's outcomes) to settle")
+        # "applied" is the receiver's own verdict, written after its runtime injected the state
+        assert {(m["outcome"]["status"], m["outcome"]["by"]) for m in doc["messages"]} == {
+            ("applied", rx.peer_id)}
         assert sorted(m["nbytes"] for m in doc["messages"]) == sorted(s["bytes"] for s in tx.of("sent"))
         assert {m["path"] for m in doc["messages"]} == {s["path"] for s in tx.of("sent")}
     finally:
