@@ -282,6 +282,23 @@ class Discovery:
         self.served[signature.compat_key] = signature
         await self.publish()
 
+    def set_server_mode(self, server: bool) -> bool:
+        """Follow reachability (``dht.mode = "auto"`` only): a node others cannot dial answers no
+        DHT queries (client mode), a public one serves them. Returns whether the mode changed.
+
+        Done by hand, not with ``KadDHT.switch_mode``: py-libp2p 0.8.1 wipes the routing table on
+        the switch to client mode, and a client still needs it for its own lookups."""
+        new = DHTMode.SERVER if server else DHTMode.CLIENT
+        if self.s.mode != "auto" or self.dht.mode == new:
+            return False
+        self.dht.mode = new
+        if server:
+            self.host.set_stream_handler(PROTOCOL_ID, self.dht.handle_stream)
+        else:
+            self.host.remove_stream_handler(PROTOCOL_ID)
+        log.info("DHT mode follows reachability: %s", new.value)
+        return True
+
     async def set_roles(self, roles: Sequence[str]) -> None:
         """Advertise the roles this node serves (e.g. ``["apply"]``); any short ASCII tokens.
 

@@ -183,6 +183,30 @@ class RuntimeSection:
 
 
 @dataclass(frozen=True)
+class NatSection:
+    autonat_client: bool = _f(True, doc="ask connected peers to dial us back (AutoNAT v2) to learn "
+                              "whether we are reachable")
+    autonat_server: bool = _f(True, doc="answer other peers' AutoNAT v2 dial-back requests")
+    confirmations: int = _f(2, 1, 100, doc="distinct servers that must agree before we call "
+                            "ourselves public (a dial-back proved) or private")
+    probe_interval_s: float = _f(2.0, 0.05, 3600.0, doc="while reachability is unknown, ask again "
+                                 "this often")
+    recheck_interval_s: float = _f(300.0, 0.1, 86400.0, doc="once known, recheck this often")
+    evidence_ttl_s: float = _f(1800.0, 1.0, 7 * 86400.0, doc="a server's answer counts this long")
+    servers_per_round: int = _f(3, 1, 64, doc="servers asked at once")
+    server_retry_s: float = _f(60.0, 0.0, 86400.0, doc="the same server is asked at most this often")
+    request_timeout_s: float = _f(20.0, 0.1, 600.0, doc="a whole request, either side")
+    dial_back_timeout_s: float = _f(5.0, 0.1, 120.0, doc="server: connecting back and the "
+                                    "dial-back exchange, each")
+    max_concurrent_dial_backs: int = _f(8, 1, 10000, doc="server: dial-backs at once")
+    per_peer_interval_s: float = _f(5.0, 0.0, 86400.0, doc="server: one request per peer this often")
+    max_dial_data_bytes: int = _f(100_000, 0, 10_000_000, doc="client: most bytes we send when a "
+                                  "server asks for dial data (spec: servers ask 30k-100k)")
+    allow_private_addrs: bool = _f(False, doc="test and dial private/loopback IPs too (labs only; "
+                                   "the spec says never)")
+
+
+@dataclass(frozen=True)
 class Config:
     node: NodeSection = field(default_factory=NodeSection)
     host: HostSection = field(default_factory=HostSection)
@@ -193,6 +217,7 @@ class Config:
     crdt: CrdtSection = field(default_factory=CrdtSection)
     transport: TransportSection = field(default_factory=TransportSection)
     runtime: RuntimeSection = field(default_factory=RuntimeSection)
+    nat: NatSection = field(default_factory=NatSection)
 
     @property
     def data_dir(self) -> Path:

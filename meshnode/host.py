@@ -116,6 +116,12 @@ def build_host(cfg: HostSection, key_pair: KeyPair) -> IHost:
     )
 
 
+def build_host_for_dialing(key_pair: KeyPair, dial_timeout_s: float) -> IHost:
+    """A host that only dials out (no listener, so every dial uses a fresh ephemeral port): the
+    AutoNAT server's dial-back host, which must never reuse a connection or our listen port."""
+    return build_host(HostSection(listen_addrs=[], dial_timeout_s=dial_timeout_s), key_pair)
+
+
 async def grow_yamux_window(stream: Any, target: int) -> None:
     """Grant the peer our whole yamux receive window up front.
 
@@ -157,3 +163,22 @@ def remote_ip(stream: Any) -> str | None:
         return addr[0] if addr else None
     except (AttributeError, OSError):
         return None
+
+
+_LOCAL_ADDR_PATH = ("muxed_conn", "secured_conn", "conn", "conn", "stream", "stream", "socket")
+
+
+def local_address(stream: Any) -> tuple[str, int] | None:
+    """Our end (IP, port) of the TCP connection a stream rides on, if it is one. py-libp2p 0.8.1
+    has no public accessor; the path is NetStream → Yamux → SecureSession → Noise read-writer →
+    RawConnection → TrioTCPStream → trio SocketStream → socket."""
+    obj = stream
+    for attr in _LOCAL_ADDR_PATH:
+        obj = getattr(obj, attr, None)
+        if obj is None:
+            return None
+    try:
+        addr = obj.getsockname()
+    except OSError:
+        return None
+    return (addr[0], addr[1]) if isinstance(addr, tuple) else None

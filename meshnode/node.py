@@ -33,6 +33,8 @@ from meshnode.host import build_host, listen_ips, listen_multiaddrs
 from meshnode.identity import load_or_create_identity, peer_id_of
 from meshnode.logs import get_logger, kv
 from meshnode.metrics import NodeMetrics
+from meshnode.nat.autonat import AutoNat
+from meshnode.nat.follow import dht_mode_follows
 from meshnode.peer_exchange import PeerExchange
 from meshnode.session_log import SessionLog
 from meshnode.tensor import APPLY_ROLE, TensorService, TensorSession
@@ -75,6 +77,9 @@ class Node:
                                   max_stored_records=d.max_stored_records),
                 on_op=lambda op, ok: self.metrics.dht_ops.labels(op=op, result="ok" if ok else "failed").inc(),
                 on_refuse=self.metrics.refuser("dht"))
+        n = config.nat
+        self.autonat = (AutoNat(self.host, n, self.bus, on_refuse=self.metrics.refuser("autonat"))
+                        if n.autonat_client or n.autonat_server else None)
         self.limits = Limits.from_config(config)
         self.tensors = TensorService(self.host, self.key_pair, self.limits, config.transport,
                                      bus=self.bus, listen_ips=listen_ips(config.host),
@@ -111,6 +116,9 @@ class Node:
                     await nursery.start(self.discovery.run)
                     if self.roles:
                         await self.discovery.set_roles(self.roles)
+                    await nursery.start(dht_mode_follows, self.bus, self.discovery)
+                if self.autonat is not None:
+                    await nursery.start(self.autonat.run)
                 await nursery.start(self.tensors.run)
                 await nursery.start(self._run_crdt)
                 await nursery.start(self.session_log.run)
@@ -344,6 +352,8 @@ class Node:
             "model": self._model_status(),
             "roles": list(self.roles),
             "tensor": self.tensors.status(),
+            "reachability": self.autonat.status() if self.autonat is not None else None,
+            "dht_mode": self.discovery.dht.mode.value.lower() if self.discovery is not None else None,
         }
 
     def _refresh_gauges(self) -> None:

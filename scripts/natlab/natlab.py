@@ -23,6 +23,8 @@ addresses). Router profiles:
                 which answers closed ports with RST.
 * ``symmetric`` ``MASQUERADE --random-fully`` (a fresh random port per connection) plus the firewall.
 * ``public``    no router: the host sits on the public segment itself (``r<i>`` is not created).
+* ``firewall``  a public address, but the host's own firewall drops unsolicited inbound: the
+                "closed port" case (reachable IP, unreachable listener) that fools AutoNAT v1.
 
 ``loss`` drops that share of packets at random on each WAN link, both directions
 (``iptables -m statistic``; ``tc netem`` is not in every kernel).
@@ -38,7 +40,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-PROFILES = ("cone", "nat", "symmetric", "public")
+PROFILES = ("cone", "nat", "symmetric", "public", "firewall")
 WAN_NET = "11.0.0.0/16"
 DEFAULT_PREFIX = "llnat"
 
@@ -177,11 +179,13 @@ class Lab:
             self.hosts[name] = Host(name, ns, addr, "public", addr)
         for i, profile in enumerate(self.profiles):
             name = f"h{i}"
-            if profile == "public":
+            if profile in ("public", "firewall"):
                 ns = self._add_ns(name)
                 addr = f"11.0.2.{1 + i}"
                 self._wan_link(ns, "eth0", addr, name)
                 self._lossy(ns, "eth0", chains=("INPUT", "OUTPUT"))
+                if profile == "firewall":
+                    self._firewall(ns, "eth0", chains=("INPUT",))
                 self.hosts[name] = Host(name, ns, addr, profile, addr)
                 continue
             r = self._add_ns(f"r{i}")
@@ -203,11 +207,14 @@ class Lab:
         masq = [*ipt, "-t", "nat", "-A", "POSTROUTING", "-o", "wan", "-j", "MASQUERADE"]
         self.sh_in(r, *masq, *(["--random-fully"] if profile == "symmetric" else []))
         if profile in ("cone", "symmetric"):  # home-router firewall: DROP unsolicited inbound
-            for chain in ("FORWARD", "INPUT"):
-                self.sh_in(r, *ipt, "-A", chain, "-i", "wan", "-m", "conntrack", "--ctstate",
-                           "ESTABLISHED,RELATED", "-j", "ACCEPT")
-                self.sh_in(r, *ipt, "-A", chain, "-i", "wan", "-j", "DROP")
+            self._firewall(r, "wan", chains=("FORWARD", "INPUT"))
         self._lossy(r, "wan", chains=("FORWARD",))
+
+    def _firewall(self, ns: str, ifname: str, chains: Sequence[str]) -> None:
+        for chain in chains:
+            self.sh_in(ns, "iptables", "-w", "-A", chain, "-i", ifname, "-m", "conntrack",
+                       "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT")
+            self.sh_in(ns, "iptables", "-w", "-A", chain, "-i", ifname, "-j", "DROP")
 
     def _lossy(self, ns: str, ifname: str, chains: Sequence[str]) -> None:
         if self.loss <= 0:

@@ -40,4 +40,50 @@ def finish(proc: subprocess.Popen, timeout: float = 15.0) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
-__all__ = ["TEST_PREFIX", "finish", "natlab", "probe", "requires_lab", "start_probe"]
+__all__ = ["LabNode", "TEST_PREFIX", "finish", "natlab", "probe", "requires_lab", "start_probe"]
+
+
+class LabNode:
+    """A real ``meshnode run`` process inside a lab host, listening on its lab address."""
+
+    def __init__(self, lab: natlab.Lab, host: str, data_dir: Path, bootstrap: list[str] = (),
+                 extra: list[str] = (), port: int = 4001) -> None:
+        from tests.helpers.nodeproc import clean_env, meshnode_cmd
+        self.lab, self.host, self.data_dir = lab, host, Path(data_dir)
+        self.data_dir.parent.mkdir(parents=True, exist_ok=True)
+        ip = lab.hosts[host].ip
+        args = [*meshnode_cmd(), "run", "--data-dir", str(self.data_dir),
+                "--listen", f"/ip4/{ip}/tcp/{port}", "--control-port", "0", "--print-addrs", *extra]
+        for b in bootstrap:
+            args += ["--bootstrap", b]
+        self.stderr_path = self.data_dir.parent / f"{self.data_dir.name}.stderr"
+        self._err = open(self.stderr_path, "wb")
+        self.proc = lab.popen(host, args, stdout=subprocess.PIPE, stderr=self._err,
+                              env=clean_env(), cwd=ROOT)
+        line = self.proc.stdout.readline().decode().strip()
+        if not line:
+            raise RuntimeError(f"node in {host} failed to start:\n{self.stderr()}")
+        self.addr = line
+        self.peer_id = line.rsplit("/p2p/", 1)[1]
+
+    def get(self, path: str):
+        """GET a control-API route (the API listens on the namespace's own loopback)."""
+        port = json.loads((self.data_dir / "control.json").read_text())["port"]
+        code = ("import sys, urllib.request; "
+                "print(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode())")
+        out = self.lab.sh_in(self.lab.hosts[self.host].ns, sys.executable, "-c", code,
+                             f"http://127.0.0.1:{port}{path}")
+        return json.loads(out)
+
+    def stderr(self) -> str:
+        try:
+            return self.stderr_path.read_text(errors="replace")[-4000:]
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        from tests.helpers.nodeproc import stop_process
+        stop_process(self.proc)
+        self._err.close()
+        if self.proc.stdout:
+            self.proc.stdout.close()

@@ -1,0 +1,1 @@
+"""NAT traversal capabilities: reachability (AutoNAT v2 client and server)."""
