@@ -324,6 +324,13 @@ class Discovery:
         """
         self._refreshing = False
 
+    async def addresses_changed(self) -> None:
+        """Our addresses changed (a relay reservation came or went): every peer holding our
+        provider record gets the new one now, not at the next refresh."""
+        self._told.clear()
+        if self.served:
+            await self.publish()
+
     async def publish(self) -> None:
         """Re-sign our record and announce every served key to its closest peers (full lookup)."""
         self._refreshing = True

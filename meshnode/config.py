@@ -207,6 +207,35 @@ class NatSection:
 
 
 @dataclass(frozen=True)
+class RelaySection:
+    hop: str = _f("auto", choices=("auto", "always", "never"), doc="serve Circuit Relay v2 hops: "
+                  "auto = while AutoNAT says we are public")
+    client: str = _f("auto", choices=("auto", "always", "never"), doc="hold relay reservations: "
+                     "auto = while AutoNAT says we are private")
+    relays: list[str] = _f([], doc="relay multiaddrs with /p2p/<id>; empty = try connected peers")
+    max_relays: int = _f(2, 1, 64, doc="client: reservations held at once")
+    max_reservations: int = _f(128, 0, 1000000, doc="relay: reservations held for peers")
+    reservation_ttl_s: float = _f(3600.0, 1.0, 86400.0, doc="relay: a reservation's lifetime "
+                                  "(freed at once when its peer disconnects)")
+    max_circuits: int = _f(16, 0, 1000000, doc="relay: open circuits in total")
+    max_circuits_per_peer: int = _f(4, 0, 10000, doc="relay: open circuits per peer (either end)")
+    circuit_duration_s: float = _f(600.0, 0.0, 86400.0, doc="relay: a circuit is cut after this, "
+                                   "idle or not (0 = no limit; go/rust use 120)")
+    circuit_bytes: int = _f(256 * MiB, 0, 1 << 50, doc="relay: bytes per direction per circuit "
+                            "(0 = no limit; go/rust use 128 KiB, too small for a KV cache)")
+    window_bytes: int = _f(1 * MiB, 64 * KiB, 256 * MiB, doc="yamux window on relayed streams "
+                           "(the relay holds at most this per direction per circuit)")
+    connect_timeout_s: float = _f(10.0, 0.1, 300.0, doc="reserve, circuit set-up, stop exchange")
+    direct_dial_timeout_s: float = _f(3.0, 0.1, 300.0, doc="a peer with circuit addresses is "
+                                      "dialled directly for this long first")
+    renew_before_s: float = _f(60.0, 0.1, 86400.0, doc="client: renew this long before expiry "
+                               "(at most half the reservation's lifetime)")
+    retry_backoff_s: float = _f(0.5, 0.01, 600.0, doc="client: first retry after a relay is lost")
+    retry_backoff_max_s: float = _f(4.0, 0.01, 3600.0, doc="client: retries double up to this")
+    scan_interval_s: float = _f(2.0, 0.05, 3600.0, doc="client: how often to look for relays")
+
+
+@dataclass(frozen=True)
 class Config:
     node: NodeSection = field(default_factory=NodeSection)
     host: HostSection = field(default_factory=HostSection)
@@ -218,6 +247,7 @@ class Config:
     transport: TransportSection = field(default_factory=TransportSection)
     runtime: RuntimeSection = field(default_factory=RuntimeSection)
     nat: NatSection = field(default_factory=NatSection)
+    relay: RelaySection = field(default_factory=RelaySection)
 
     @property
     def data_dir(self) -> Path:

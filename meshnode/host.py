@@ -165,6 +165,14 @@ def remote_ip(stream: Any) -> str | None:
         return None
 
 
+def is_relayed(conn: Any) -> bool:
+    """Whether a connection (swarm or muxed) runs over a Circuit Relay v2 circuit."""
+    muxed = getattr(conn, "muxed_conn", conn)
+    raw = getattr(getattr(getattr(muxed, "secured_conn", None), "conn", None), "conn", None)
+    kind = getattr(raw, "_connection_type", None)
+    return getattr(kind, "name", None) == "RELAYED"
+
+
 _LOCAL_ADDR_PATH = ("muxed_conn", "secured_conn", "conn", "conn", "stream", "stream", "socket")
 
 

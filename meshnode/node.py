@@ -34,7 +34,9 @@ from meshnode.identity import load_or_create_identity, peer_id_of
 from meshnode.logs import get_logger, kv
 from meshnode.metrics import NodeMetrics
 from meshnode.nat.autonat import AutoNat
-from meshnode.nat.follow import dht_mode_follows
+from meshnode.nat.follow import dht_addrs_follow, dht_mode_follows
+from meshnode.nat.relay_client import RelayClient
+from meshnode.nat.relay_hop import RelayHop
 from meshnode.peer_exchange import PeerExchange
 from meshnode.session_log import SessionLog
 from meshnode.tensor import APPLY_ROLE, TensorService, TensorSession
@@ -80,10 +82,16 @@ class Node:
         n = config.nat
         self.autonat = (AutoNat(self.host, n, self.bus, on_refuse=self.metrics.refuser("autonat"))
                         if n.autonat_client or n.autonat_server else None)
+        r = config.relay
+        self.relay = (RelayHop(self.host, r, self.bus, on_refuse=self.metrics.refuser("relay"))
+                      if r.hop != "never" else None)
+        # always: dialing through relays needs no reservation (relay.client governs those)
+        self.relay_client = RelayClient(self.host, r, self.bus, self.metrics.refuser("relay"))
         self.limits = Limits.from_config(config)
         self.tensors = TensorService(self.host, self.key_pair, self.limits, config.transport,
                                      bus=self.bus, listen_ips=listen_ips(config.host),
                                      on_refuse=self.metrics.refuser("tensor"))
+        self.tensors.circuit_limit = self.relay_client.circuit_limits.get  # type: ignore[method-assign]
         crdt_limits = CrdtLimits.from_config(config.crdt)
         self.crdt_store = UpdateStore(config.data_dir / "crdt", crdt_limits)
         self.crdt = CrdtService(self.host, self.key_pair, self.crdt_store, crdt_limits,
@@ -117,8 +125,10 @@ class Node:
                     if self.roles:
                         await self.discovery.set_roles(self.roles)
                     await nursery.start(dht_mode_follows, self.bus, self.discovery)
-                if self.autonat is not None:
-                    await nursery.start(self.autonat.run)
+                    await nursery.start(dht_addrs_follow, self.bus, self.discovery)
+                for nat in (self.relay, self.relay_client, self.autonat):  # events before state
+                    if nat is not None:
+                        await nursery.start(nat.run)
                 await nursery.start(self.tensors.run)
                 await nursery.start(self._run_crdt)
                 await nursery.start(self.session_log.run)
@@ -353,6 +363,8 @@ class Node:
             "roles": list(self.roles),
             "tensor": self.tensors.status(),
             "reachability": self.autonat.status() if self.autonat is not None else None,
+            "relay": self.relay.status() if self.relay is not None else None,
+            "relay_client": self.relay_client.status(),
             "dht_mode": self.discovery.dht.mode.value.lower() if self.discovery is not None else None,
         }
 

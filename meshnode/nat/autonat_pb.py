@@ -1,22 +1,15 @@
-"""AutoNAT v2 wire messages (libp2p/specs ``autonat/autonat-v2.md``), built from a descriptor.
-
-Why a descriptor and not generated ``_pb2`` code: generated files are tied to the protoc that
-made them and the runtime that reads them; declaring the seven messages here with
-``descriptor_pb2`` keeps us on whatever ``protobuf`` py-libp2p already installs, and the schema
-readable in one place. Enums are declared as ``int32`` fields: the same varint on the wire, and a
-peer's unknown enum value arrives as a number we can refuse instead of an exception.
-
-Framing (spec "RPC Messages"): each message is prefixed with its length as an unsigned varint.
-Every read is bounded (``MAX_MESSAGE_BYTES``) before a byte is buffered.
+"""AutoNAT v2 wire messages (libp2p/specs ``autonat/autonat-v2.md``), declared with
+:mod:`meshnode.nat.pbschema` (no generated code). Each message is varint-length-prefixed; every
+read is bounded (``MAX_MESSAGE_BYTES``) before a byte is buffered.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
-from google.protobuf.message import DecodeError
-from libp2p.utils.varint import encode_uvarint, read_varint_prefixed_bytes_limited
+from meshnode.nat.pbschema import F, WireError, build, encode, scalar, sub
+from meshnode.nat.pbschema import decode as decode
+from meshnode.nat.pbschema import read as _read
 
 DIAL_REQUEST_PROTOCOL = "/libp2p/autonat/2/dial-request"
 DIAL_BACK_PROTOCOL = "/libp2p/autonat/2/dial-back"
@@ -33,72 +26,30 @@ E_INTERNAL_ERROR, E_REQUEST_REJECTED, E_DIAL_REFUSED, RESPONSE_OK = 0, 100, 101,
 # DialBackResponse.DialBackStatus
 DIAL_BACK_OK = 0
 
-_F = descriptor_pb2.FieldDescriptorProto
-_SCHEMA: dict[str, list[tuple[str, int, int, int]]] = {  # message: (field, number, type, label)
-    "DialRequest": [("addrs", 1, _F.TYPE_BYTES, _F.LABEL_REPEATED),
-                    ("nonce", 2, _F.TYPE_FIXED64, _F.LABEL_OPTIONAL)],
-    "DialDataRequest": [("addrIdx", 1, _F.TYPE_UINT32, _F.LABEL_OPTIONAL),
-                        ("numBytes", 2, _F.TYPE_UINT64, _F.LABEL_OPTIONAL)],
-    "DialResponse": [("status", 1, _F.TYPE_INT32, _F.LABEL_OPTIONAL),
-                     ("addrIdx", 2, _F.TYPE_UINT32, _F.LABEL_OPTIONAL),
-                     ("dialStatus", 3, _F.TYPE_INT32, _F.LABEL_OPTIONAL)],
-    "DialDataResponse": [("data", 1, _F.TYPE_BYTES, _F.LABEL_OPTIONAL)],
-    "DialBack": [("nonce", 1, _F.TYPE_FIXED64, _F.LABEL_OPTIONAL)],
-    "DialBackResponse": [("status", 1, _F.TYPE_INT32, _F.LABEL_OPTIONAL)],
-}
-_ONEOF = [("dialRequest", 1, "DialRequest"), ("dialResponse", 2, "DialResponse"),
-          ("dialDataRequest", 3, "DialDataRequest"), ("dialDataResponse", 4, "DialDataResponse")]
-
-
-def _build() -> dict[str, Any]:
-    fd = descriptor_pb2.FileDescriptorProto(name="latentlink/autonat_v2.proto",
-                                            package="latentlink.autonatv2", syntax="proto3")
-    for name, fields in _SCHEMA.items():
-        m = fd.message_type.add(name=name)
-        for fname, num, ftype, label in fields:
-            m.field.add(name=fname, number=num, type=ftype, label=label)
-    msg = fd.message_type.add(name="Message")
-    msg.oneof_decl.add(name="msg")
-    for fname, num, tname in _ONEOF:
-        msg.field.add(name=fname, number=num, type=_F.TYPE_MESSAGE, label=_F.LABEL_OPTIONAL,
-                      type_name=f".latentlink.autonatv2.{tname}", oneof_index=0)
-    pool = descriptor_pool.DescriptorPool()
-    pool.Add(fd)
-    return {n: message_factory.GetMessageClass(pool.FindMessageTypeByName(f"latentlink.autonatv2.{n}"))
-            for n in [*_SCHEMA, "Message"]}
-
-
-_CLASSES = _build()
+_CLASSES = build("latentlink.autonatv2", {
+    "DialRequest": [scalar("addrs", 1, F.TYPE_BYTES, repeated=True), scalar("nonce", 2, F.TYPE_FIXED64)],
+    "DialDataRequest": [scalar("addrIdx", 1, F.TYPE_UINT32), scalar("numBytes", 2, F.TYPE_UINT64)],
+    "DialResponse": [scalar("status", 1, F.TYPE_INT32), scalar("addrIdx", 2, F.TYPE_UINT32),
+                     scalar("dialStatus", 3, F.TYPE_INT32)],
+    "DialDataResponse": [scalar("data", 1, F.TYPE_BYTES)],
+    "DialBack": [scalar("nonce", 1, F.TYPE_FIXED64)],
+    "DialBackResponse": [scalar("status", 1, F.TYPE_INT32)],
+    "Message": [sub("dialRequest", 1, "DialRequest"), sub("dialResponse", 2, "DialResponse"),
+                sub("dialDataRequest", 3, "DialDataRequest"),
+                sub("dialDataResponse", 4, "DialDataResponse")],
+}, oneofs={"Message": "msg"})
 Message = _CLASSES["Message"]
 DialBack = _CLASSES["DialBack"]
 DialBackResponse = _CLASSES["DialBackResponse"]
-
-
-class AutonatError(ValueError):
-    """A peer's AutoNAT message was oversized, truncated or malformed."""
-
-
-def encode(msg: Any) -> bytes:
-    body = msg.SerializeToString()
-    return encode_uvarint(len(body)) + body
-
-
-def decode(cls: Any, body: bytes) -> Any:
-    out = cls()
-    try:
-        out.ParseFromString(body)
-    except DecodeError as exc:
-        raise AutonatError(f"malformed {cls.DESCRIPTOR.name}: {exc}") from None
-    return out
+AutonatError = WireError
 
 
 async def read(stream: Any, cls: Any) -> Any:
-    """One varint-prefixed message of type ``cls`` from a libp2p stream (bounded)."""
-    try:
-        body = await read_varint_prefixed_bytes_limited(stream, MAX_MESSAGE_BYTES)
-    except Exception as exc:  # libp2p raises several types for short/oversized prefixes
-        raise AutonatError(f"bad frame: {type(exc).__name__}: {exc}"[:200]) from None
-    return decode(cls, body)
+    """One AutoNAT message of type ``cls`` (bounded to ``MAX_MESSAGE_BYTES``)."""
+    return await _read(stream, cls, MAX_MESSAGE_BYTES)
+
+
+__all__ = ["AutonatError", "encode", "decode"]
 
 
 def dial_request(addrs: list[bytes], nonce: int) -> Any:

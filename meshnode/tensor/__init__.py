@@ -6,7 +6,8 @@
 """
 
 from meshnode.tensor.driver import Received, Sent, SessionClosed, TensorSession
+from meshnode.tensor.received import CircuitLimitError
 from meshnode.tensor.service import APPLY_ROLE, TENSOR_PROTOCOL, TensorService
 
-__all__ = ["APPLY_ROLE", "TENSOR_PROTOCOL", "Received", "SessionClosed", "Sent", "TensorService",
+__all__ = ["APPLY_ROLE", "CircuitLimitError", "TENSOR_PROTOCOL", "Received", "SessionClosed", "Sent", "TensorService",
            "TensorSession"]

@@ -17,6 +17,11 @@ class SessionClosed(ConnectionError):
         self.error = error
 
 
+class CircuitLimitError(SessionClosed):
+    """The message cannot cross the relay circuit that is the only path to the peer: it is
+    larger than the relay's per-direction data limit. Raised before a byte is sent."""
+
+
 @dataclass
 class Received:
     """One verified message: its envelope and zero-copy views of its tensors.

@@ -14,10 +14,11 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from meshnode.host import is_relayed
 from meshnode.logs import get_logger, kv
 from meshnode.tensor.events import TransferSent
 from meshnode.tensor.lanes_out import LANE_THREADS, LaneClient
-from meshnode.tensor.received import Sent, SessionClosed
+from meshnode.tensor.received import CircuitLimitError, Sent, SessionClosed
 from tensor_rpc import (
     AckReceived,
     ApplyMode,
@@ -79,8 +80,12 @@ class Sender:
         t0 = trio.current_time()
         kw = dict(kind=kind, layers=layers, tokens=tokens, meta=meta, apply=apply, gain=gain,
                   batch_slot=batch_slot)
+        order = self.ts._service.path_order(str(self.ts.peer_id), path, payload.nbytes)
+        if is_relayed(self.ts.stream):  # lanes dial the peer itself: over a relay there is none
+            self._check_circuit(payload.nbytes)
+            order = ["stream"]
         async with self.lock:
-            for p in self.ts._service.path_order(str(self.ts.peer_id), path, payload.nbytes):
+            for p in order:
                 lane = None
                 if p != "stream":
                     lane = await self.lanes.get(p)
@@ -96,6 +101,20 @@ class Sender:
                         sent.elapsed_s))
                     return sent
             raise SessionClosed("no data path left", None)
+
+    def _check_circuit(self, nbytes: int) -> None:
+        """Fail at once, naming the limit, if the message cannot fit through the relay."""
+        limit = self.ts._service.circuit_limit(self.ts.peer_id)
+        if not limit or not limit[1]:
+            return
+        agreed = self.ts.session.agreement
+        chunk = agreed.chunk_bytes if agreed is not None else 4 << 20
+        need = nbytes + (nbytes // chunk + 1) * 64 + 65536  # tags, frame headers, envelope
+        if need > limit[1]:
+            raise CircuitLimitError(
+                f"message of {nbytes} bytes (~{need} on the wire) exceeds the relay's circuit "
+                f"limit of {limit[1]} bytes per direction (relay.circuit_bytes on the relay); "
+                f"{self.ts.peer_id} is reachable only through that relay")
 
     async def _send_once(self, specs: Sequence[TensorSpec], payload: PayloadSource,
                          lane: LaneSender | None, path: str, timeout_s: float | None,

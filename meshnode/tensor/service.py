@@ -98,6 +98,11 @@ class TensorService:
         """Count one refusal (the caller logs it with the details)."""
         self._on_refuse(reason)
 
+    def circuit_limit(self, peer: ID) -> tuple[int, int] | None:
+        """The relay's ``(duration s, bytes per direction)`` for our relayed connection to
+        ``peer``, if we know it; the node points this at its relay client."""
+        return None
+
     def path_order(self, peer: str, override: str | None = None, nbytes: int | None = None) -> list[str]:
         t = self.transport
         return path_order(peer, t.path, self._peer_paths, override, t.shm_enabled, nbytes,

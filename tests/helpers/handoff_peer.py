@@ -25,12 +25,15 @@ class NoEvent(AssertionError):
 class HandoffProc:
     def __init__(self, role: str, data_dir: Path, model: str, cache_dir: Path, *,
                  args: list[str] = (), bootstrap: list[str] = (), dht: bool = True,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, listen: str = "/ip4/127.0.0.1/tcp/0",
+                 prefix: list[str] = ()) -> None:
+        """``prefix``: argv that runs the command elsewhere (a NAT-lab namespace), with
+        ``listen`` the address it listens on there."""
         self.data_dir = Path(data_dir)
         self.data_dir.parent.mkdir(parents=True, exist_ok=True)
-        cmd = meshnode_cmd() + [
+        cmd = [*prefix, *meshnode_cmd()] + [
             "handoff", role, "--json", "--model", str(model), "--data-dir", str(self.data_dir),
-            "--listen", "/ip4/127.0.0.1/tcp/0", "--control-port", "0", "--log-level", "warning",
+            "--listen", listen, "--control-port", "0", "--log-level", "warning",
             "--set", f"runtime.cache_dir={cache_dir}", "--set", f"dht.enabled={'true' if dht else 'false'}",
             "--set", "host.peer_exchange_interval_s=0.3"]
         for b in bootstrap:
