@@ -106,7 +106,7 @@ def listen_ips(cfg: HostSection) -> list[str]:
 
 def build_host(cfg: HostSection, key_pair: KeyPair) -> IHost:
     """A host with our identity, Noise+yamux, identify and ping, and the configured limits."""
-    return new_host(
+    host = new_host(
         key_pair=key_pair,
         sec_opt=security_options(key_pair),
         muxer_opt=muxer_options(),
@@ -114,6 +114,54 @@ def build_host(cfg: HostSection, key_pair: KeyPair) -> IHost:
         enable_quic=cfg.enable_quic,
         connection_config=connection_config(cfg),
     )
+    release_inbound_slots(host.get_network())
+    return host
+
+
+async def _close_quietly(conn: Any) -> None:
+    try:
+        await conn.close()
+    except Exception:  # boundary: the peer may have gone already
+        pass
+
+
+def release_inbound_slots(swarm: Any) -> None:
+    """Free an inbound connection's slot (and its handler task) when that connection closes.
+
+    py-libp2p 0.8.1 caps inbound connections with a limiter of ``max_connections`` slots, but its
+    handler holds the slot until the *whole swarm* stops (``await self.manager.wait_finished()``
+    after each upgrade): every inbound connection ever made leaks one slot and one task, and after
+    ``max_connections`` of them the node refuses every inbound connection (reproduced: a relay
+    stopped taking reservations after exactly 256 short-lived peers). Here the handler upgrades
+    the connection as 0.8.1 does, then waits for that connection to close.
+    """
+    from libp2p.abc import IMuxedConn
+    from libp2p.network.connection.raw_connection import RawConnection
+
+    async def handle(read_write_closer: Any, maddr: Any, failure_event: Any) -> None:
+        remote = swarm._build_remote_multiaddr(read_write_closer)
+        if remote is not None and not await swarm.connection_gate.is_allowed(remote):
+            await _close_quietly(read_write_closer)
+            return
+        conn: Any = read_write_closer
+        try:
+            if isinstance(read_write_closer, IMuxedConn):  # QUIC: multiplexed already
+                muxed = read_write_closer
+                await swarm.add_conn(muxed, direction="inbound")
+            else:
+                conn = RawConnection(read_write_closer, False)
+                muxed = await swarm.upgrade_inbound_raw_conn(conn, maddr)
+        except Exception as exc:  # a failed upgrade ends this connection only
+            log.debug("inbound upgrade failed", extra=kv(err=exc))
+            await _close_quietly(conn)
+            return
+        closed = getattr(muxed, "event_closed", None)
+        if closed is None:  # a muxer without the event: keep 0.8.1's barrier
+            await swarm.manager.wait_finished()
+            return
+        await closed.wait()
+
+    swarm._do_handle_inbound_connection = handle
 
 
 def build_host_for_dialing(key_pair: KeyPair, dial_timeout_s: float) -> IHost:

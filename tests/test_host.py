@@ -1,14 +1,20 @@
-"""The host composition: our yamux is the one py-libp2p builds, and its reader never blocks on writes."""
+"""The host composition: our yamux is the one py-libp2p builds, its reader never blocks on writes,
+and a closed inbound connection gives its slot back."""
 
 from __future__ import annotations
 
 import struct
 
 import trio
+from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.peer.peerinfo import PeerInfo
 from libp2p.stream_muxer import muxer_multistream
 from libp2p.stream_muxer.yamux.yamux import FLAG_ACK, TYPE_WINDOW_UPDATE, YAMUX_HEADER_FORMAT
+from multiaddr import Multiaddr
 
-from meshnode.host import Yamux, muxer_options
+from meshnode.config import HostSection
+from meshnode.host import Yamux, build_host, muxer_options
+from tests.helpers.waits import until
 
 ACK = struct.pack(YAMUX_HEADER_FORMAT, 0, TYPE_WINDOW_UPDATE, FLAG_ACK, 5, 0)
 
@@ -64,3 +70,23 @@ async def test_other_tasks_still_wait_their_turn():
         assert m.secured_conn.written == []  # ordinary writers queue on the lock
         m._write_lock.release()
     assert m.secured_conn.written == [ACK]
+
+
+async def test_a_closed_inbound_connection_frees_its_slot():
+    """py-libp2p 0.8.1 held each inbound connection's slot until the host stopped: after
+    ``max_connections`` peers had come and gone, every new one was refused."""
+    server = build_host(HostSection(listen_addrs=["/ip4/127.0.0.1/tcp/0"], max_connections=3),
+                        create_new_key_pair())
+    async with server.run(listen_addrs=[Multiaddr("/ip4/127.0.0.1/tcp/0")]):
+        info = PeerInfo(server.get_id(), server.get_addrs())
+        for _ in range(8):  # more peers than slots, one after another
+            client = build_host(HostSection(listen_addrs=[]), create_new_key_pair())
+            async with client.run(listen_addrs=[]):
+                await client.connect(info)
+                await client.new_stream(info.peer_id, ["/ipfs/id/1.0.0"])  # upgraded and served
+                await client.disconnect(info.peer_id)
+        limiter = server.get_network()._inbound_limiter
+
+        async def all_free() -> bool:
+            return limiter.borrowed_tokens == 0
+        await until(all_free, 10, "every inbound slot freed")

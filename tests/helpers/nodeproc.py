@@ -41,10 +41,10 @@ class NodeProc:
     """One node process listening on 127.0.0.1 with an ephemeral port and control port."""
 
     def __init__(self, data_dir: Path, bootstrap: list[str] = (), extra: list[str] = (),
-                 config: Path | None = None) -> None:
+                 config: Path | None = None, listen: str = "/ip4/127.0.0.1/tcp/0") -> None:
         self.data_dir = Path(data_dir)
         args = meshnode_cmd() + ["run", "--data-dir", str(self.data_dir),
-                                 "--listen", "/ip4/127.0.0.1/tcp/0", "--control-port", "0",
+                                 "--listen", listen, "--control-port", "0",
                                  "--print-addrs", "--set", "host.peer_exchange_interval_s=0.3"]
         if config:
             args += ["--config", str(config)]
