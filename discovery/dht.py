@@ -70,7 +70,7 @@ from discovery.records import (
     record_key,
 )
 from discovery.signature import ModelSignature
-from discovery.streamio import FrameError, frame, read_frame
+from discovery.streamio import FrameError, frame, is_relayed, read_frame
 from discovery.strict_kad import StrictKadDHT
 
 RECORD_PROTOCOL = "/latentlink/record/1.0.0"
@@ -99,7 +99,7 @@ class Provider:
 
     peer_id: str
     addrs: tuple[str, ...]
-    reachability: str  # "direct" | "relayed"
+    reachability: str  # "direct" | "relayed": how the lookup's probe reached it
     latency_ms: float | None
     signature: ModelSignature
     roles: tuple[str, ...] = ()  # what its signed record says it serves besides the model
@@ -171,7 +171,7 @@ class Discovery:
         self._announce_now = trio.Event()
         self._restart_backoff = False
         # peer -> (trio time fetched, verified record, latency ms): the last successful probe.
-        self._probed: dict[ID, tuple[float, ModelRecord, float | None]] = {}
+        self._probed: dict[ID, tuple[float, ModelRecord, float | None, bool]] = {}
         host.set_stream_handler(RECORD_PROTOCOL, self._serve_record)
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -475,7 +475,7 @@ class Discovery:
         """Forget cached probes older than ``PROBE_CACHE_S`` (they are never used again), so the
         cache holds at most the providers probed in the last few seconds."""
         now = trio.current_time()
-        for pid in [p for p, (at, _, _) in self._probed.items() if now - at >= PROBE_CACHE_S]:
+        for pid in [p for p, (at, *_) in self._probed.items() if now - at >= PROBE_CACHE_S]:
             del self._probed[pid]
 
     async def _provider_ids(self, compat_key: str) -> dict[ID, list[Multiaddr]]:
@@ -556,7 +556,7 @@ class Discovery:
                 store.add_addrs(info.peer_id, info.addrs, PEERSTORE_ADDR_TTL_S)
         return providers, closer
 
-    async def _fetch_record(self, pid: ID, addrs: list) -> tuple[ModelRecord, float | None] | None:
+    async def _fetch_record(self, pid: ID, addrs: list) -> tuple[ModelRecord, float | None, bool] | None:
         """Fetch and verify ``pid``'s signed record from ``pid`` itself (dialling if needed).
 
         A successful probe is reused for ``PROBE_CACHE_S`` while the connection to ``pid`` stays
@@ -565,15 +565,16 @@ class Discovery:
         """
         if pid == self.peer_id:
             try:
-                return (parse_record(self._record, self.s.max_record_bytes), None) if self._record else None
+                return (parse_record(self._record, self.s.max_record_bytes), None, False) \
+                    if self._record else None
             except RecordError:  # our own record lapsed (stop_refreshing): we do not serve it
                 return None
         cached = self._probed.get(pid)
         if cached is not None:
-            at, rec, latency = cached
+            at, rec, latency, relayed = cached
             if (trio.current_time() - at < PROBE_CACHE_S and rec.expires_at > time.time()
                     and pid in self.host.get_connected_peers()):
-                return rec, latency
+                return rec, latency, relayed
             del self._probed[pid]
         with trio.move_on_after(self.s.probe_timeout_s):
             try:
@@ -586,6 +587,7 @@ class Discovery:
                     await self.host.connect(PeerInfo(pid, addrs))
                 t = time.perf_counter()
                 stream = await self.host.new_stream(pid, [RECORD_PROTOCOL])
+                relayed = is_relayed(stream)  # how we actually reached it, not its address text
                 try:
                     body = await read_frame(stream, self.s.max_record_bytes)
                 finally:
@@ -594,8 +596,8 @@ class Discovery:
                 if not body:
                     return None
                 rec = parse_record(body, self.s.max_record_bytes, key=record_key(pid))
-                self._probed[pid] = (trio.current_time(), rec, latency)
-                return rec, latency
+                self._probed[pid] = (trio.current_time(), rec, latency, relayed)
+                return rec, latency, relayed
             except (RecordError, FrameError) as exc:  # forged, expired, oversized, malformed
                 self._on_op("record_rejected", False)
                 self._on_refuse("invalid_record")
@@ -606,16 +608,15 @@ class Discovery:
         return None
 
 
-def _provider(pid: ID, got: tuple[ModelRecord, float | None] | None, compat_key: str,
+def _provider(pid: ID, got: tuple[ModelRecord, float | None, bool] | None, compat_key: str,
               role: str | None) -> Provider | None:
     """The lookup result for a probed provider, or None if its record does not qualify."""
     if got is None:
         return None
-    rec, latency = got
+    rec, latency, relayed = got
     if not rec.serves(compat_key) or (role is not None and role not in rec.roles):
         return None
     sig = next(m for m in rec.models if m.compat_key == compat_key)
-    relayed = bool(rec.addrs) and all("/p2p-circuit" in a for a in rec.addrs)
     return Provider(str(pid), rec.addrs, "relayed" if relayed else "direct", latency, sig, rec.roles)
 
 

@@ -114,3 +114,14 @@ async def read_frame(stream: Any, max_bytes: int) -> bytes:
         raise FrameError(f"frame of {n} bytes exceeds limit {max_bytes}")
     return await read_exactly(stream, n)
 
+
+def is_relayed(conn: Any) -> bool:
+    """Whether a libp2p stream or connection (swarm or muxed) runs over a Circuit Relay v2
+    circuit. Here, not in ``meshnode.host``, so that discovery can tell which providers it
+    reached only through a relay (py-libp2p 0.8.1 has no public accessor: the raw connection's
+    type sits under the muxer and the secure session)."""
+    muxed = getattr(conn, "muxed_conn", conn)
+    raw = getattr(getattr(getattr(muxed, "secured_conn", None), "conn", None), "conn", None)
+    kind = getattr(raw, "_connection_type", None)
+    return getattr(kind, "name", None) == "RELAYED"
+

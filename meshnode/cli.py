@@ -125,7 +125,8 @@ def _render_peers(peers: list) -> None:
     if not peers:
         print("no connected peers")
     for p in peers:
-        print(p["peer_id"], " ".join(p["addrs"][:2]))
+        kinds = ",".join(p.get("connections", [])) or "-"
+        print(p["peer_id"], f"[{kinds}]", " ".join(p["addrs"][:2]))
 
 
 def cmd_status(cfg: Config, args: argparse.Namespace) -> int:

@@ -24,6 +24,7 @@ from libp2p.stream_muxer import muxer_multistream
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux as _LibYamux
 
+from discovery.streamio import is_relayed  # noqa: F401 - re-exported: the node's callers use it here
 from meshnode.config import HostSection
 from meshnode.logs import get_logger, kv
 
@@ -204,21 +205,19 @@ async def close_stream(stream: Any, clean: bool, timeout_s: float) -> None:
         log.debug("stream close", extra=kv(err=exc))
 
 
-def remote_ip(stream: Any) -> str | None:
-    """The IP the stream's connection comes from, if the transport knows one."""
+def remote_address(stream: Any) -> tuple[str, int] | None:
+    """The (IP, port) the stream's connection comes from, if the transport knows one."""
     try:
         addr = stream.get_remote_address()
-        return addr[0] if addr else None
-    except (AttributeError, OSError):
+        return (addr[0], int(addr[1])) if addr else None
+    except (AttributeError, OSError, TypeError, ValueError):
         return None
 
 
-def is_relayed(conn: Any) -> bool:
-    """Whether a connection (swarm or muxed) runs over a Circuit Relay v2 circuit."""
-    muxed = getattr(conn, "muxed_conn", conn)
-    raw = getattr(getattr(getattr(muxed, "secured_conn", None), "conn", None), "conn", None)
-    kind = getattr(raw, "_connection_type", None)
-    return getattr(kind, "name", None) == "RELAYED"
+def remote_ip(stream: Any) -> str | None:
+    """The IP the stream's connection comes from, if the transport knows one."""
+    addr = remote_address(stream)
+    return addr[0] if addr else None
 
 
 _LOCAL_ADDR_PATH = ("muxed_conn", "secured_conn", "conn", "conn", "stream", "stream", "socket")

@@ -27,13 +27,15 @@ from crdt_state import CrdtLimits, CrdtService, UpdateStore
 from discovery.dht import Discovery, DiscoverySettings, Provider
 from discovery.signature import ModelSignature
 from meshnode import control
+from meshnode.bootstrap import Bootstrap
 from meshnode.bus import EventBus
 from meshnode.config import Config
-from meshnode.host import build_host, listen_ips, listen_multiaddrs
+from meshnode.host import build_host, is_relayed, listen_ips, listen_multiaddrs
 from meshnode.identity import load_or_create_identity, peer_id_of
 from meshnode.logs import get_logger, kv
 from meshnode.metrics import NodeMetrics
 from meshnode.nat.autonat import AutoNat
+from meshnode.nat.dcutr import HolePuncher
 from meshnode.nat.follow import dht_addrs_follow, dht_mode_follows
 from meshnode.nat.relay_client import RelayClient
 from meshnode.nat.relay_hop import RelayHop
@@ -87,6 +89,10 @@ class Node:
                       if r.hop != "never" else None)
         # always: dialing through relays needs no reservation (relay.client governs those)
         self.relay_client = RelayClient(self.host, r, self.bus, self.metrics.refuser("relay"))
+        self.bootstrap = Bootstrap(self.host, config.host, self._count_dial)
+        self.holepunch = HolePuncher(self.host, config.dcutr, self.bus,
+                                     allow_private=n.allow_private_addrs,
+                                     on_refuse=self.metrics.refuser("dcutr"))
         self.limits = Limits.from_config(config)
         self.tensors = TensorService(self.host, self.key_pair, self.limits, config.transport,
                                      bus=self.bus, listen_ips=listen_ips(config.host),
@@ -126,7 +132,8 @@ class Node:
                         await self.discovery.set_roles(self.roles)
                     await nursery.start(dht_mode_follows, self.bus, self.discovery)
                     await nursery.start(dht_addrs_follow, self.bus, self.discovery)
-                for nat in (self.relay, self.relay_client, self.autonat):  # events before state
+                for nat in (self.holepunch, self.relay, self.relay_client, self.autonat):
+                    # subscribers before publishers: the hole puncher follows relayed connections
                     if nat is not None:
                         await nursery.start(nat.run)
                 await nursery.start(self.tensors.run)
@@ -135,7 +142,7 @@ class Node:
                 await nursery.start(self.metrics.run, self.bus)
                 if cfg.runtime.model:
                     nursery.start_soon(self._load_model)
-                nursery.start_soon(self._bootstrap)
+                await nursery.start(self.bootstrap.run)
                 nursery.start_soon(self.pex.run)
                 log.info("node started", extra=kv(peer_id=self.peer_id, addrs=[str(a) for a in self.addrs]))
                 task_status.started(self)
@@ -168,35 +175,6 @@ class Node:
                 log.debug("close_peer failed", extra=kv(peer=pid, err=exc))
 
     # -- mesh ------------------------------------------------------------------------------------
-    async def _bootstrap(self) -> None:
-        async with trio.open_nursery() as n:
-            for addr in self.config.host.bootstrap:
-                n.start_soon(self._dial_with_backoff, addr)
-
-    async def _dial_with_backoff(self, addr: str) -> None:
-        h = self.config.host
-        try:
-            info = info_from_p2p_addr(multiaddr.Multiaddr(addr))
-        except Exception as exc:
-            log.error("bad bootstrap address", extra=kv(addr=addr, err=exc))
-            return
-        if info.peer_id == self.peer_id:
-            return
-        delay = h.bootstrap_backoff_s
-        for attempt in range(h.bootstrap_retries + 1):
-            try:
-                with trio.fail_after(h.dial_timeout_s):
-                    await self.host.connect(info)
-                self._count_dial(True)
-                log.info("bootstrap peer connected", extra=kv(peer=info.peer_id, attempt=attempt))
-                return
-            except Exception as exc:
-                self._count_dial(False)
-                log.warning("bootstrap dial failed", extra=kv(addr=addr, attempt=attempt, err=exc))
-                await trio.sleep(delay)
-                delay = min(delay * 2, h.bootstrap_backoff_max_s)
-        log.error("bootstrap peer unreachable", extra=kv(addr=addr, attempts=h.bootstrap_retries + 1))
-
     def _count_dial(self, ok: bool) -> None:
         self.metrics.dials.labels(result="ok" if ok else "failed").inc()
 
@@ -263,6 +241,9 @@ class Node:
         """Open an end-to-end encrypted tensor session (the handshake checks model signatures and
         runtime terms). The session is recorded in a replicated CRDT document shared with the peer."""
         pid = peer if isinstance(peer, ID) else ID.from_base58(str(peer))
+        conns = self.host.get_network().get_connections(pid)
+        if conns and all(is_relayed(c) for c in conns):  # a punch may be on its way: wait for it
+            await self.holepunch.settled(pid)
         return await self.tensors.open(pid)
 
     async def accept_session(self, timeout_s: float | None = None) -> TensorSession:
@@ -331,7 +312,11 @@ class Node:
         return self.host.get_addrs()
 
     def peers(self) -> list[dict[str, Any]]:
-        return [{"peer_id": str(pid), "addrs": self.peer_addrs(pid)}
+        """Connected peers, their known addresses, and each connection's kind (direct/relayed)."""
+        net = self.host.get_network()
+        return [{"peer_id": str(pid), "addrs": self.peer_addrs(pid),
+                 "connections": ["relayed" if is_relayed(c) else "direct"
+                                 for c in net.get_connections(pid)]}
                 for pid in sorted(self.host.get_connected_peers(), key=str)]
 
     def peer_addrs(self, pid) -> list[str]:
@@ -365,6 +350,7 @@ class Node:
             "reachability": self.autonat.status() if self.autonat is not None else None,
             "relay": self.relay.status() if self.relay is not None else None,
             "relay_client": self.relay_client.status(),
+            "dcutr": self.holepunch.status(),
             "dht_mode": self.discovery.dht.mode.value.lower() if self.discovery is not None else None,
         }
 

@@ -147,7 +147,8 @@ class PeerExchange:
                 known = self.host.get_peerstore().addrs(pid)
             except Exception:  # no addresses recorded yet (identify still running)
                 continue
-            addrs = [str(a) for a in known if "/p2p-circuit" not in str(a)]
+            # direct addresses first; circuit addresses too: a NATed peer is reachable only there
+            addrs = sorted((str(a) for a in known), key=lambda a: "/p2p-circuit" in a)
             if addrs:
                 out.append([pid.to_base58(), addrs[:MAX_ADDRS_PER_PEER]])
         random.shuffle(out)

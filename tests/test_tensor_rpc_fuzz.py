@@ -243,8 +243,10 @@ def test_fuzz_lane_control():
     offer = LaneOffer((("10.0.0.1", 4001), ("::1", 65535), ("192.168.1.7", 1)),
                       "latentlink-lane-" + "0f" * 16)
     lanes = encode_lanes(offer)
+    knocked = encode_lanes(LaneOffer((("10.0.0.1", 4001),), None, ("11.0.1.2", 4002), 40001))
     lanes_maps = [msgpack.unpackb(lanes), {"bulk": [], "shm": None},
-                  {"bulk": [["127.0.0.1", 80]] * MAX_BULK_ADDRS, "shm": None}]
+                  {"bulk": [["127.0.0.1", 80]] * MAX_BULK_ADDRS, "shm": None},
+                  msgpack.unpackb(knocked)]
 
     def check_lanes(o: LaneOffer) -> None:
         assert len(o.bulk) <= MAX_BULK_ADDRS
@@ -252,7 +254,11 @@ def test_fuzz_lane_control():
             ipaddress.ip_address(host)
             assert isinstance(port, int) and not isinstance(port, bool) and 0 < port < 65536
         assert o.shm is None or SHM_NAME.fullmatch(o.shm)
-    run("lanes", [lanes, encode_lanes(LaneOffer())], lanes_maps, decode_lanes, check_lanes)
+        if o.knocked is not None:
+            ipaddress.ip_address(o.knocked[0])
+            assert 0 < o.knocked[1] < 65536
+        assert o.knock is None or 0 < o.knock < 65536
+    run("lanes", [lanes, knocked, encode_lanes(LaneOffer())], lanes_maps, decode_lanes, check_lanes)
 
     def check_mid(mid: int) -> None:
         assert isinstance(mid, int) and not isinstance(mid, bool) and 0 <= mid < 1 << 63

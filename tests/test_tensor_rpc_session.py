@@ -272,6 +272,19 @@ def test_lanes_offer_round_trip_and_replacement():
     assert p.a.state is State.READY and p.b.state is State.READY
 
 
+def test_lanes_offer_carries_a_knock_request_and_its_answer():
+    p = pair()
+    ask = LaneOffer((("10.2.0.2", 4002),), None, knock=40001)
+    p.b.offer_lanes(ask)
+    p.pump(1.0)
+    assert p.a.peer_offer == ask and p.a.peer_offer.knock == 40001
+    answer = LaneOffer((("10.1.0.2", 4002),), None, ("11.0.1.2", 4003))
+    p.a.offer_lanes(answer)
+    p.pump(1.0)
+    assert p.b.peer_offer == answer and p.b.peer_offer.knocked == ("11.0.1.2", 4003)
+    assert p.b.peer_offer.knock is None
+
+
 def test_lanes_offer_is_cut_to_the_address_limit():
     p = pair()
     many = tuple((f"10.0.0.{i}", 4000 + i) for i in range(1, lanectl.MAX_BULK_ADDRS + 3))
@@ -285,6 +298,11 @@ def test_lanes_offer_is_cut_to_the_address_limit():
     {"bulk": [["127.0.0.1", 0]], "shm": None},
     {"bulk": [], "shm": "/dev/shm/evil"},
     {"shm": None},
+    {"bulk": [], "shm": None, "knocked": ["example.com", 4001]},
+    {"bulk": [], "shm": None, "knocked": ["11.0.0.1", 70000]},
+    {"bulk": [], "shm": None, "knocked": "11.0.0.1:4001"},
+    {"bulk": [], "shm": None, "knock": True},
+    {"bulk": [], "shm": None, "knock": 0},
 ])
 def test_malformed_lanes_from_an_authenticated_peer_ends_the_session(body):
     p = pair()

@@ -31,17 +31,15 @@ import multiaddr
 import trio
 from libp2p.abc import IHost
 from libp2p.crypto.ed25519 import create_new_key_pair
-from libp2p.identity.identify.identify import ID as IDENTIFY_PROTOCOL
-from libp2p.identity.identify.pb.identify_pb2 import Identify
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
-from libp2p.utils.varint import read_varint_prefixed_bytes_limited
 
 from meshnode.bus import EventBus
 from meshnode.config import NatSection
 from meshnode.host import build_host_for_dialing, close_stream, local_address, remote_ip
 from meshnode.logs import get_logger, kv
 from meshnode.nat import autonat_pb as pb
+from meshnode.nat.observed import observed_ip
 from meshnode.nat.reachability import UNKNOWN, Reachability
 
 log = get_logger("meshnode.nat.autonat")
@@ -156,7 +154,7 @@ class AutoNat:
             if ip == "0.0.0.0" and local:
                 ip = local[0]
             out.append(multiaddr.Multiaddr(f"/ip4/{ip}/tcp/{port}"))
-        observed = await self._observed_ip(server)
+        observed = await observed_ip(self.host, server)
         if observed:
             out += [multiaddr.Multiaddr(f"/ip4/{observed}/tcp/{p}") for p in ports]
         seen, result = set(), []
@@ -165,21 +163,6 @@ class AutoNat:
                 seen.add(str(a))
                 result.append(a)
         return result[: pb.MAX_ADDRS]
-
-    async def _observed_ip(self, server: ID) -> str | None:
-        """The IP ``server`` sees our connection come from, from its identify answer."""
-        try:
-            stream = await self.host.new_stream(server, [IDENTIFY_PROTOCOL])
-            try:
-                body = await read_varint_prefixed_bytes_limited(stream, pb.MAX_MESSAGE_BYTES * 8)
-            finally:
-                await close_stream(stream, True, 1.0)
-            msg = Identify()
-            msg.ParseFromString(body)
-            return multiaddr.Multiaddr(msg.observed_addr).value_for_protocol("ip4")
-        except Exception as exc:  # boundary: no observed address is not fatal
-            log.debug("no observed address", extra=kv(server=server, err=exc))
-            return None
 
     async def check(self, server: ID) -> dict | None:
         """Ask ``server`` to dial one of our addresses back; the result as reported to the state

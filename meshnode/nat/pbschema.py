@@ -17,6 +17,8 @@ from typing import Any
 
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.message import DecodeError
+from libp2p.io.exceptions import IncompleteReadError
+from libp2p.network.stream.exceptions import StreamEOF, StreamReset
 from libp2p.utils.varint import encode_uvarint, read_varint_prefixed_bytes_limited
 
 F = descriptor_pb2.FieldDescriptorProto
@@ -33,6 +35,10 @@ def sub(name: str, number: int, type_name: str) -> Field:
 
 class WireError(ValueError):
     """A peer's message was oversized, truncated or malformed."""
+
+
+class StreamEnded(WireError):
+    """The stream ended (closed or reset) before the next message began: the peer is done."""
 
 
 def build(package: str, schema: Mapping[str, Sequence[Field]], syntax: str = "proto3",
@@ -76,6 +82,12 @@ async def read(stream: Any, cls: Any, max_bytes: int) -> Any:
     """One varint-prefixed message of type ``cls`` from a libp2p stream, at most ``max_bytes``."""
     try:
         body = await read_varint_prefixed_bytes_limited(stream, max_bytes)
-    except Exception as exc:  # libp2p raises several types for short/oversized prefixes
+    except (StreamEOF, StreamReset) as exc:
+        raise StreamEnded(f"stream ended: {type(exc).__name__}") from None
+    except IncompleteReadError as exc:
+        if "prefix" in str(exc):  # nothing of a next message had arrived
+            raise StreamEnded("stream ended") from None
+        raise WireError(f"truncated frame: {exc}"[:200]) from None
+    except Exception as exc:  # libp2p raises several types for bad or oversized prefixes
         raise WireError(f"bad frame: {type(exc).__name__}: {exc}"[:200]) from None
     return decode(cls, body)

@@ -16,6 +16,7 @@ after. A relayed connection's limits (the relay's ``Limit``) are kept per peer f
 
 from __future__ import annotations
 
+import ipaddress
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -50,6 +51,16 @@ class AddressesChanged:
     addrs: tuple[str, ...]
 
 
+@dataclass(frozen=True)
+class RelayedConnection:
+    """Published on the bus when a relayed connection opens. ``inbound``: ``peer`` reached us
+    through ``relay`` (DCUtR's B, which drives the upgrade to a direct connection)."""
+
+    peer: ID
+    relay: ID
+    inbound: bool
+
+
 class RelayError(ConnectionError):
     """A relay refused (status named) or a circuit could not be set up."""
 
@@ -73,6 +84,37 @@ def split_circuit(addr: multiaddr.Multiaddr) -> tuple[ID, multiaddr.Multiaddr]:
         raise RelayError(f"circuit address without the relay's /p2p: {addr}")
     transport, rid = relay_part.rsplit("/p2p/", 1)
     return ID.from_base58(rid), multiaddr.Multiaddr(transport)
+
+
+def _ip_of(addr: multiaddr.Multiaddr) -> str | None:
+    for proto in ("ip4", "ip6"):
+        try:
+            return addr.value_for_protocol(proto)
+        except Exception:  # multiaddr raises its own lookup error for an absent part
+            continue
+    return None
+
+
+def worth_direct(addr: multiaddr.Multiaddr, own_ips: list[str]) -> bool:
+    """Whether a peer that also offers circuit addresses is worth dialling directly at ``addr``:
+    a public IP is; a private or loopback one only when one of our own IPs shares its network
+    (the same host or LAN). Behind two NATs the peer's private address names someone else's LAN:
+    the SYN would vanish and the relay would wait ``relay.direct_dial_timeout_s`` for nothing.
+    Pure; a name (DNS) is always worth a try."""
+    ip_text = _ip_of(addr)
+    if ip_text is None:
+        return True
+    ip = ipaddress.ip_address(ip_text)
+    if ip.is_global:
+        return True
+    for own in own_ips:
+        mine = ipaddress.ip_address(own)
+        if mine.is_unspecified:
+            return True  # we listen everywhere: our own networks are unknown, so try
+        if mine.version == ip.version and ip in ipaddress.ip_network(
+                f"{own}/{16 if ip.version == 4 else 64}", strict=False):
+            return True
+    return False
 
 
 class RelayClient:
@@ -234,11 +276,14 @@ class RelayClient:
 
     # -- circuits ----------------------------------------------------------------------------------
     async def connect(self, info: PeerInfo) -> None:
-        """``host.connect`` that also dials circuit addresses (direct ones first)."""
+        """``host.connect`` that also dials circuit addresses (direct ones first, those worth it)."""
         if self.host.get_network().get_connections(info.peer_id):
             return
         circuits = [a for a in info.addrs if is_circuit(a)]
         direct = [a for a in info.addrs if not is_circuit(a)]
+        if circuits:
+            own = [ip for a in self.host.get_transport_addrs() if (ip := _ip_of(a))]
+            direct = [a for a in direct if worth_direct(a, own)]
         err: Exception | None = None
         if direct or not circuits:
             try:
@@ -282,6 +327,7 @@ class RelayClient:
         await self.host.upgrade_outbound_connection(raw, peer)
         self.circuit_limits[peer] = limit
         log.info("relayed connection open", extra=kv(peer=peer, relay=relay, limit=limit))
+        self.bus.publish(RelayedConnection(peer, relay, inbound=False))
 
     async def _on_stop(self, stream: Any) -> None:
         relay = stream.muxed_conn.peer_id
@@ -308,6 +354,7 @@ class RelayClient:
                 return
             self.circuit_limits[src] = limit
             log.info("relayed connection accepted", extra=kv(peer=src, relay=relay, limit=limit))
+            self.bus.publish(RelayedConnection(src, relay, inbound=True))
             await muxed.event_closed.wait()  # the stream is the connection: hold it while it lives
         except Exception as exc:  # boundary: a bad circuit never reaches the node
             self._refuse("relay_stop_failed", relay, exc)
@@ -322,4 +369,6 @@ class RelayClient:
                 "reservations": {str(r.relay): {"expire": r.expire, "limit": list(r.limit)}
                                  for r in self.reservations.values()},
                 "circuit_addrs": [str(a) for a in self.circuit_addrs()],
-                "relayed_peers": {str(p): list(v) for p, v in self.circuit_limits.items()}}
+                "relayed_peers": {str(p): list(v) for p, v in self.circuit_limits.items()
+                                  if any(is_relayed(c) for c in
+                                         self.host.get_network().get_connections(p))}}

@@ -27,7 +27,7 @@ import trio
 from libp2p.network.stream.exceptions import StreamEOF
 from libp2p.peer.id import ID
 
-from meshnode.host import close_stream, grow_yamux_window, remote_ip
+from meshnode.host import close_stream, grow_yamux_window, is_relayed, remote_ip
 from meshnode.logs import get_logger, kv
 from meshnode.tensor.events import (
     MessageApplied,
@@ -231,6 +231,10 @@ class TensorSession:
                 self._ready.set()
             elif isinstance(ev, LanesOffered):
                 self._sender.lanes.offered(ev.offer)
+                if ev.offer.knock is not None:  # dial the peer's lane back (never over a relay)
+                    knocked = None if is_relayed(self.stream) else \
+                        self._service.lanes.knock_for(self.stream, ev.offer.knock)
+                    self.session.offer_lanes(self._service.lane_offer(knocked=knocked))
             elif isinstance(ev, MessageStarted):
                 mid = ev.header.message_id
                 self._started[mid] = now
@@ -423,3 +427,9 @@ class TensorSession:
 
     def _remote_ip(self) -> str | None:
         return remote_ip(self.stream)
+
+    def ask_knock(self, port: int) -> None:
+        """Ask the peer to dial our local ``port`` back for a bulk lane (answered by a LANES)."""
+        self.session.offer_lanes(self._service.lane_offer(knock=port))
+        self._kick()
+

@@ -32,8 +32,10 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from meshnode.config import TransportSection
+from meshnode.host import local_address, remote_address
 from meshnode.logs import get_logger, kv
-from meshnode.tensor.lanes_out import LANE_THREADS
+from meshnode.nat.punch import open_from, reusable
+from meshnode.tensor.lanes_out import LANE_THREADS, behind_nat
 from tensor_rpc import UsageError
 from tensor_rpc.lanectl import LaneOffer
 from tensor_rpc.transport import (
@@ -82,14 +84,50 @@ class LaneServer:
         self.shm_name: str | None = None
         self._pending: dict[int, trio.CancelScope] = {}  # insertion order = arrival order
         self._next = 0
+        self._knocks: set[tuple[str, int]] = set()  # knock dials in flight, by destination
         self._nursery: trio.Nursery | None = None
 
     @property
     def preauth(self) -> int:
         return len(self._pending)
 
-    def offer(self) -> LaneOffer:
-        return LaneOffer(tuple(self.bulk[:8]), self.shm_name)
+    def offer(self, knocked: tuple[str, int] | None = None, knock: int | None = None) -> LaneOffer:
+        return LaneOffer(tuple(self.bulk[:8]), self.shm_name, knocked, knock)
+
+    def knock_for(self, stream: Any, port: int) -> tuple[str, int] | None:
+        """Behind a NAT, let a bulk lane from the peer at the other end of ``stream`` in: the peer
+        is dialling our first bulk port of its family from local ``port`` (it asked, ``knock``);
+        we dial that port back, at the address we see the peer at, from that bulk port, in the
+        background. The SYNs cross (each opened its own NAT for the other's), and the socket
+        that connects is an incoming lane like any accepted one (same gate, same key proof).
+        Answering the peer's SYN from the listener instead does not work: the router's
+        connection tracking drops a SYN-ACK whose sequence is not that of the SYN it saw leave.
+        Returns where we knock, or ``None``: not behind a NAT, no listener of that family, or
+        knocks in flight already (to that peer, or ``lane_preauth_max`` in all)."""
+        peer, local = remote_address(stream), local_address(stream)
+        if peer is None or not behind_nat(local[0] if local else None, peer[0]):
+            return None
+        remote = (peer[0], port)
+        src = next((ep for ep in self.bulk if (":" in ep[0]) == (":" in remote[0])), None)
+        if src is None or self._nursery is None or remote in self._knocks:
+            return None
+        if len(self._knocks) >= self.settings.lane_preauth_max:
+            self._refuse("lane_knocks_full")
+            return None
+        self._knocks.add(remote)
+        self._nursery.start_soon(self._knock, src, remote)
+        return remote
+
+    async def _knock(self, src: tuple[str, int], dst: tuple[str, int]) -> None:
+        try:
+            stream = await open_from(src, dst, self.settings.lane_connect_timeout_s)
+        except (OSError, trio.TooSlowError) as exc:
+            log.info("lane knock unanswered", extra=kv(dst=f"{dst[0]}:{dst[1]}", err=exc or "timeout"))
+            return
+        finally:
+            self._knocks.discard(dst)
+        log.info("lane knock answered", extra=kv(dst=f"{dst[0]}:{dst[1]}"))
+        await self._admit(stream.socket, dst, KIND_BULK)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         s = self.settings
@@ -98,7 +136,7 @@ class LaneServer:
             for host in bind_hosts(self.listen_ips, s.bulk_listen_host):
                 family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
                 lsock = trio.socket.socket(family, socket.SOCK_STREAM)
-                lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                reusable(lsock)  # a lane from a NATed peer is dialled from this port (knock)
                 await lsock.bind((host, s.bulk_port))
                 lsock.listen(64)
                 self.bulk.append((host, lsock.getsockname()[1]))
@@ -129,17 +167,20 @@ class LaneServer:
                             err=exc, pause_s=self.settings.lane_accept_backoff_s, failures=failures))
                     await trio.sleep(self.settings.lane_accept_backoff_s)
                     continue
-                if len(self._pending) >= self.settings.lane_preauth_max:
-                    oldest = next(iter(self._pending))
-                    self._pending.pop(oldest).cancel()
-                    self._refuse("lane_preauth_full")
-                    log.warning("lane pre-auth full: dropped the oldest unauthenticated socket",
-                                extra=kv(limit=self.settings.lane_preauth_max))
-                self._next += 1
-                scope = trio.CancelScope(deadline=trio.current_time()
-                                         + self.settings.lane_preauth_timeout_s)
-                self._pending[self._next] = scope
-                self._nursery.start_soon(self._gate, self._next, scope, tsock, addr or "unix", kind)
+                self._nursery.start_soon(self._admit, tsock, addr or "unix", kind)
+
+    async def _admit(self, tsock: Any, remote: Any, kind: int) -> None:
+        """Gate one socket that has proven nothing yet (accepted, or connected by a knock)."""
+        if len(self._pending) >= self.settings.lane_preauth_max:
+            oldest = next(iter(self._pending))
+            self._pending.pop(oldest).cancel()
+            self._refuse("lane_preauth_full")
+            log.warning("lane pre-auth full: dropped the oldest unauthenticated socket",
+                        extra=kv(limit=self.settings.lane_preauth_max))
+        self._next += 1
+        scope = trio.CancelScope(deadline=trio.current_time() + self.settings.lane_preauth_timeout_s)
+        self._pending[self._next] = scope
+        await self._gate(self._next, scope, tsock, remote, kind)
 
     async def _gate(self, key: int, scope: trio.CancelScope, tsock: Any, remote: Any,
                     listener_kind: int) -> None:

@@ -10,6 +10,7 @@ own limiter (lane threads live as long as their lane; trio's default 40 would st
 from __future__ import annotations
 
 import ipaddress
+import os
 import socket
 from collections.abc import Callable
 
@@ -17,6 +18,7 @@ import trio
 
 from meshnode.config import TransportSection
 from meshnode.logs import get_logger, kv
+from meshnode.nat.punch import abort, start_connect
 from tensor_rpc import ProtocolError, Session, UsageError
 from tensor_rpc.lanectl import LaneOffer
 from tensor_rpc.transport import KIND_BULK, KIND_SHM, LaneSender, lane_key, tune
@@ -40,6 +42,39 @@ def bulk_targets(offer: LaneOffer, remote_ip: str | None) -> list[tuple[str, int
     return out
 
 
+def behind_nat(local_ip: str | None, remote_ip: str | None) -> bool:
+    """Whether a peer at public ``remote_ip`` cannot dial us at our private ``local_ip``: we sit
+    behind a NAT from its side (a peer on our LAN, or loopback, reaches us as we are). Pure."""
+    if not local_ip or not remote_ip:
+        return False
+    return not ipaddress.ip_address(local_ip).is_global and ipaddress.ip_address(remote_ip).is_global
+
+
+def needs_knock(offer: LaneOffer, remote_ip: str | None) -> bool:
+    """Whether the peer's offered bulk addresses are not where we reach it (it is behind a NAT):
+    a lane then gets through only as a simultaneous open — we dial, then the peer dials our
+    port back (``knock``). Pure."""
+    if remote_ip is None or not offer.bulk or not ipaddress.ip_address(remote_ip).is_global:
+        return False
+    return all(host != remote_ip and not ipaddress.ip_address(host).is_unspecified
+               for host, _ in offer.bulk)
+
+
+def _lane_over(sock: socket.socket, sid: bytes, key: bytes, max_sealed: int,
+               s: TransportSection) -> LaneSender:
+    """Prove the session key on a connected socket: it becomes our bulk lane."""
+    try:
+        sock.setblocking(True)
+        sock.settimeout(s.lane_connect_timeout_s)
+        tune(sock, s.lane_socket_buffer_bytes)
+        connect_handshake(sock, KIND_BULK, sid, key)
+        sock.settimeout(None)
+        return LaneSender(sock, KIND_BULK, max_sealed)
+    except BaseException:
+        sock.close()
+        raise
+
+
 def _connect_bulk(targets: list[tuple[str, int]], sid: bytes, key: bytes, max_sealed: int,
                   s: TransportSection) -> LaneSender:
     last: Exception = ConnectionError("no address to try")
@@ -49,14 +84,7 @@ def _connect_bulk(targets: list[tuple[str, int]], sid: bytes, key: bytes, max_se
         except OSError as exc:
             last = exc
             continue
-        try:
-            tune(sock, s.lane_socket_buffer_bytes)
-            connect_handshake(sock, KIND_BULK, sid, key)
-            sock.settimeout(None)
-            return LaneSender(sock, KIND_BULK, max_sealed)
-        except BaseException:
-            sock.close()
-            raise
+        return _lane_over(sock, sid, key, max_sealed, s)
     raise last
 
 
@@ -77,10 +105,14 @@ def _connect_shm(name: str, sid: bytes, key: bytes, max_sealed: int, s: Transpor
 
 class LaneClient:
     def __init__(self, settings: TransportSection, session: Session,
-                 remote_ip: Callable[[], str | None]) -> None:
+                 remote_ip: Callable[[], str | None],
+                 local_end: Callable[[], tuple[str, int] | None] = lambda: None,
+                 ask_knock: Callable[[int], None] = lambda port: None) -> None:
         self.settings = settings
         self.session = session
         self._remote_ip = remote_ip
+        self._local_end = local_end
+        self._ask_knock = ask_knock
         self._lanes: dict[str, LaneSender] = {}
         self._failed: dict[str, float] = {}  # path -> when it failed
         self._offer: LaneOffer | None = None
@@ -89,6 +121,27 @@ class LaneClient:
     def offered(self, offer: LaneOffer) -> None:
         self._offer = offer
         self._offered.set()
+
+    async def _punch_bulk(self, offer: LaneOffer, remote: str) -> socket.socket:
+        """A bulk lane socket through the peer's NAT: dial its bulk port at the address we reach
+        it on (our SYN opens our own NAT and dies at the peer's), ask it to dial our port back
+        (``knock``); the SYNs cross into one connection."""
+        local = self._local_end()
+        port = next((p for h, p in offer.bulk if (":" in h) == (":" in remote)), None)
+        if local is None or port is None:
+            raise ConnectionError("no bulk lane of the peer's address family, or no local address")
+        sock = start_connect(local[0], (remote, port))
+        try:
+            self._ask_knock(sock.getsockname()[1])
+            with trio.fail_after(self.settings.lane_connect_timeout_s):
+                await trio.lowlevel.wait_writable(sock)
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                raise OSError(err, os.strerror(err))
+        except BaseException:
+            abort(sock)
+            raise
+        return sock
 
     def open_paths(self) -> list[str]:
         return list(self._lanes)
@@ -111,8 +164,14 @@ class LaneClient:
             assert self.session.agreement is not None
             max_sealed = self.session.agreement.chunk_bytes + self.session.tag_bytes
             sid = self.session.session_id
-            if path == "bulk":
-                targets = bulk_targets(offer, self._remote_ip())
+            remote = self._remote_ip()
+            if path == "bulk" and needs_knock(offer, remote):
+                assert remote is not None
+                sock = await self._punch_bulk(offer, remote)
+                lane = await trio.to_thread.run_sync(_lane_over, sock, sid, key, max_sealed, s,
+                                                     limiter=LANE_THREADS)
+            elif path == "bulk":
+                targets = bulk_targets(offer, remote)
                 if not targets:
                     raise ConnectionError("peer offers no bulk lane")
                 lane = await trio.to_thread.run_sync(_connect_bulk, targets, sid, key, max_sealed, s,

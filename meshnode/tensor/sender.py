@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from meshnode.host import is_relayed
+from meshnode.host import is_relayed, local_address
 from meshnode.logs import get_logger, kv
 from meshnode.tensor.events import TransferSent
 from meshnode.tensor.lanes_out import LANE_THREADS, LaneClient
@@ -57,7 +57,8 @@ class Sender:
         self.ts = ts
         self.lock = trio.Lock()
         self.waiters: dict[int, _Waiter] = {}
-        self.lanes = LaneClient(ts._settings, ts.session, ts._remote_ip)
+        self.lanes = LaneClient(ts._settings, ts.session, ts._remote_ip,
+                                lambda: local_address(ts.stream), ts.ask_knock)
 
     def resolve(self, mid: int, ev: Any) -> None:
         waiter = self.waiters.get(mid)

@@ -108,8 +108,8 @@ class TensorService:
         return path_order(peer, t.path, self._peer_paths, override, t.shm_enabled, nbytes,
                           t.inline_max_bytes)
 
-    def lane_offer(self) -> LaneOffer:
-        return self.lanes.offer()
+    def lane_offer(self, knocked: tuple[str, int] | None = None, knock: int | None = None) -> LaneOffer:
+        return self.lanes.offer(knocked, knock)
 
     # -- registry (called by drivers) ----------------------------------------------------------
     def claim(self, sid: bytes, ts: TensorSession) -> bool:

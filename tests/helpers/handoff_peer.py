@@ -30,6 +30,7 @@ class HandoffProc:
         """``prefix``: argv that runs the command elsewhere (a NAT-lab namespace), with
         ``listen`` the address it listens on there."""
         self.data_dir = Path(data_dir)
+        self.prefix = list(prefix)
         self.data_dir.parent.mkdir(parents=True, exist_ok=True)
         cmd = [*prefix, *meshnode_cmd()] + [
             "handoff", role, "--json", "--model", str(model), "--data-dir", str(self.data_dir),
@@ -97,8 +98,16 @@ class HandoffProc:
         return [e for e in self.events if e.get("event") == event]
 
     def control(self, path: str) -> Any:
+        """GET a control-API route (inside the process's namespace when it runs in one)."""
+        import sys
         import urllib.request
 
+        if self.prefix:  # the API listens on the namespace's own loopback
+            code = ("import sys, urllib.request; "
+                    "print(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode())")
+            out = subprocess.run([*self.prefix, sys.executable, "-c", code, self.control_url + path],
+                                 capture_output=True, text=True, timeout=15, check=True).stdout
+            return json.loads(out)
         with urllib.request.urlopen(self.control_url + path, timeout=5) as r:
             return json.loads(r.read())
 

@@ -1,0 +1,79 @@
+"""TCP from a fixed local port: the socket work behind hole punching (DCUtR) and lane knocks.
+
+Why a module of our own: py-libp2p 0.8.1's ``dial_with_source`` closes a failed socket plainly
+(the next connect from that port then fails with EADDRNOTAVAIL, DESIGN.md §9), leaks it when the
+dial is cancelled, and silently falls back to an ephemeral port when the bind fails (a punch that
+cannot work, reported as tried). Here every failure path aborts the socket with ``SO_LINGER(1,0)``,
+and a failed bind is an error.
+
+* :func:`open_from` — connect from ``src`` (our listen port) to ``dst``: with the peer dialling us
+  at the same time this is a TCP simultaneous open through both NATs.
+* :func:`start_connect` — a non-blocking connect from a fresh local port: its SYN is on the wire
+  (opening our NAT) when it returns, so the peer can be asked to dial that port back.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import os
+import socket
+import struct
+
+import trio
+
+_LINGER_ABORT = struct.pack("ii", 1, 0)
+
+
+def _family(ip: str) -> int:
+    return socket.AF_INET6 if ipaddress.ip_address(ip).version == 6 else socket.AF_INET
+
+
+def reusable(sock: socket.socket | trio.socket.SocketType) -> None:
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if hasattr(socket, "SO_REUSEPORT"):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+
+
+def abort(sock: socket.socket | trio.socket.SocketType) -> None:
+    """Close without TIME_WAIT: the local port is free for the next attempt at once."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ABORT)
+    except OSError:
+        pass
+    sock.close()
+
+
+async def open_from(src: tuple[str, int], dst: tuple[str, int], timeout_s: float) -> trio.SocketStream:
+    """A TCP stream from ``src`` to ``dst`` (``src`` may be a listening port: SO_REUSEPORT).
+    Raises ``OSError`` or ``trio.TooSlowError``; the socket never outlives a failure."""
+    if _family(src[0]) != _family(dst[0]):
+        raise OSError(f"address family of {src[0]} differs from {dst[0]}")
+    sock = trio.socket.socket(_family(dst[0]), socket.SOCK_STREAM)
+    try:
+        reusable(sock)
+        await sock.bind(src)
+        with trio.fail_after(timeout_s):
+            await sock.connect(dst)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except BaseException:
+        abort(sock)
+        raise
+    return trio.SocketStream(sock)
+
+
+def start_connect(local_ip: str, dst: tuple[str, int]) -> socket.socket:
+    """A non-blocking socket bound to ``(local_ip, <fresh port>)`` whose connect to ``dst`` has
+    begun (its SYN has left). Wait for it with ``trio.lowlevel.wait_writable`` and read
+    ``SO_ERROR``; :func:`abort` it on failure."""
+    sock = socket.socket(_family(dst[0]), socket.SOCK_STREAM)
+    try:
+        sock.bind((local_ip, 0))
+        sock.setblocking(False)
+        err = sock.connect_ex(dst)
+        if err not in (0, errno.EINPROGRESS):
+            raise OSError(err, os.strerror(err))
+    except BaseException:
+        abort(sock)
+        raise
+    return sock
