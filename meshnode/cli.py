@@ -1,7 +1,9 @@
 """``meshnode`` command line: a thin layer over :mod:`meshnode.node` and the control API.
 
 Exit codes: 0 success, 1 runtime failure, 2 invalid configuration or usage (the message names the
-key and the source that set it).
+key and the source that set it), or a model that is missing or unreadable (the message names the
+path or package looked for: :class:`~meshnode.runtime.source.ModelNotFoundError`). The parser, with
+each command's options, description and examples, is in :mod:`meshnode.cli_parser`.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import urllib.error
 import urllib.request
 from typing import Any
 
+from meshnode import cli_parser
 from meshnode.cli_handoff import cmd_handoff
 from meshnode.config import (
     Config,
@@ -22,24 +25,10 @@ from meshnode.config import (
     load_config,
 )
 from meshnode.config_doc import SECRET_KEYS, describe, render_toml
+from meshnode.runtime.source import ModelNotFoundError, resolve_model_source
 
 EXIT_RUNTIME = 1
 EXIT_CONFIG = 2
-
-
-def _config_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("configuration (defaults < --config file < MESHNODE_* env < flags)")
-    g.add_argument("--config", "-c", metavar="FILE", help="TOML config file (see configs/node.toml)")
-    g.add_argument("--set", "-s", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override any setting, e.g. --set protocol.chunk_bytes=1048576 (repeatable)")
-    g.add_argument("--data-dir", help="shortcut for --set node.data_dir=...")
-    g.add_argument("--listen", action="append", metavar="MULTIADDR",
-                   help="shortcut for host.listen_addrs (repeatable)")
-    g.add_argument("--bootstrap", action="append", metavar="MULTIADDR",
-                   help="shortcut for host.bootstrap (repeatable)")
-    g.add_argument("--control-port", type=int, help="shortcut for --set control.port=...")
-    g.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
-    g.add_argument("--log-json", action="store_true", default=None, help="JSON log lines")
 
 
 def _load(args: argparse.Namespace) -> Config:
@@ -63,6 +52,8 @@ def _load(args: argparse.Namespace) -> Config:
 
 # -- commands -----------------------------------------------------------------------------------
 def cmd_run(cfg: Config, args: argparse.Namespace) -> int:
+    if cfg.runtime.model:  # cheap (no torch import): refuse a missing model before the node starts
+        resolve_model_source(cfg.runtime.model)
     import trio
 
     from meshnode.logs import setup_logging
@@ -164,7 +155,10 @@ def _model_cache(cfg: Config) -> Any:
 
 
 def _signature_of(cfg: Config, path: str) -> Any:
-    """Load ``path`` the way a node does (same dtype, cache) and return its ``ModelSignature``."""
+    """Load ``path`` the way a node does (same dtype, cache) and return its ``ModelSignature``.
+
+    A missing or unreadable model raises ``ModelNotFoundError`` before torch is even imported."""
+    resolve_model_source(path)
     from meshnode.runtime.loader import load_model
 
     if path == "smollm2" or path.endswith(".gguf"):
@@ -252,91 +246,27 @@ def _control(cfg: Config, args: argparse.Namespace, path: str) -> Any:
 
 
 # -- entry point --------------------------------------------------------------------------------
-def _control_client_args(c: argparse.ArgumentParser) -> None:
-    """Options of every command that talks to a running node through its control API."""
-    c.add_argument("--control-url", help="control API base URL (default: from data dir/config)")
-    c.add_argument("--json", action="store_true", help="machine-readable output")
+COMMANDS = {"run": cmd_run, "id": cmd_id, "status": cmd_status, "peers": cmd_peers,
+            "signature": cmd_signature, "find": cmd_find, "sessions": cmd_sessions,
+            "handoff": cmd_handoff, "config": cmd_config}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="meshnode",
-        description="LatentLink mesh node: hand LLM internal state (KV cache) between peers "
-                    "running the same model, over libp2p.",
-        epilog="Every setting: `meshnode config --list`. Docs: README.md, docs/PROTOCOL.md.",
-    )
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    r = sub.add_parser("run", help="run a node until SIGINT/SIGTERM")
-    _config_args(r)
-    r.add_argument("--print-addrs", action="store_true", help="print listen multiaddrs to stdout once up")
-    r.set_defaults(fn=cmd_run)
-
-    for name, fn, helptext in (("id", cmd_id, "print this node's peer ID and addresses"),
-                               ("status", cmd_status, "status of the running node (control API)"),
-                               ("peers", cmd_peers, "peers the running node is connected to")):
-        c = sub.add_parser(name, help=helptext)
-        _config_args(c)
-        _control_client_args(c)
-        c.set_defaults(fn=fn)
-
-    c = sub.add_parser("signature", help="print a model's signature and compat key (loads it)")
-    _config_args(c)
-    c.add_argument("path", help="HF directory, .gguf file, or 'smollm2'")
-    c.add_argument("--json", action="store_true", help="machine-readable output")
-    c.set_defaults(fn=cmd_signature)
-
-    c = sub.add_parser("find", help="peers serving a compatible model (DHT lookup by the running node)")
-    _config_args(c)
-    g = c.add_mutually_exclusive_group(required=True)
-    g.add_argument("--model", help="model path whose compat key to look up (loads it)")
-    g.add_argument("--key", help="compat key to look up")
-    _control_client_args(c)
-    c.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the lookup")
-    c.set_defaults(fn=cmd_find)
-
-    c = sub.add_parser("sessions", help="tensor sessions of the running node (replicated CRDT log)")
-    _config_args(c)
-    _control_client_args(c)
-    c.add_argument("--watch", action="store_true", help="refresh every second until Ctrl-C")
-    c.set_defaults(fn=cmd_sessions)
-
-    c = sub.add_parser("handoff", help="run a node with a model and hand KV caches to / take them from peers")
-    c.add_argument("role", choices=("send", "receive"))
-    _config_args(c)
-    c.add_argument("--model", help="shortcut for --set runtime.model=... (HF dir, .gguf, 'smollm2')")
-    c.add_argument("--tokens", type=int, default=32, help="greedy tokens to continue (both sides)")
-    c.add_argument("--peer", help="send: receiver peer ID or full multiaddr (default: DHT lookup)")
-    c.add_argument("--find-timeout", type=float, default=60.0, help="send: seconds to find a peer")
-    c.add_argument("--prompt", help="send: prompt text")
-    c.add_argument("--prompt-ids", help="send: prompt as comma-separated token ids")
-    c.add_argument("--chat", action="store_true", help="send: wrap --prompt in the chat template")
-    c.add_argument("--turn2", help="send: second turn, sent as a KV_CACHE_DELTA (then a full snapshot)")
-    c.add_argument("--turn2-ids", help="send: second turn as comma-separated token ids")
-    c.add_argument("--path", help="send: force a data path (stream, bulk, shm) if supported")
-    c.add_argument("--sessions", type=int, help="receive: stop after this many sessions")
-    c.add_argument("--wait", action="store_true", help="keep the node up after the job until SIGINT/SIGTERM")
-    c.add_argument("--json", action="store_true", help="one JSON object per event on stdout")
-    c.set_defaults(fn=cmd_handoff)
-
-    c = sub.add_parser("config", help="print the effective configuration")
-    _config_args(c)
-    c.add_argument("--list", action="store_true", help="list every key with type, default and env name")
-    c.add_argument("--toml", action="store_true", help="print every key as a commented TOML file "
-                   "(configs/node.toml is this output)")
-    c.set_defaults(fn=cmd_config)
-    return p
+    return cli_parser.build_parser(COMMANDS)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        cfg = _load(args)
+        cfg = None if getattr(args, "no_config", False) else _load(args)
     except ConfigError as exc:
         print(f"meshnode: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     try:
         return args.fn(cfg, args)
+    except ModelNotFoundError as exc:
+        print(f"meshnode: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     except ControlUnavailable as exc:
         print(f"meshnode: {exc}", file=sys.stderr)
         return EXIT_RUNTIME

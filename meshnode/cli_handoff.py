@@ -1,7 +1,8 @@
 """``meshnode handoff send|receive``: a node with a model loaded acts as KV sender or receiver.
 
 The CLI layer over :mod:`meshnode.handoff` (one JSON object per event with ``--json``); exit code
-0 when the job is done, 1 when the handoff failed (the error event names the code and fields).
+0 when the job is done, 1 when the handoff failed (the error event names the code and fields), 2
+when no model is given or it is missing/unreadable. Each role's options: :mod:`meshnode.cli_parser`.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import sys
 from typing import Any
 
 from meshnode.config import Config
+from meshnode.runtime.source import resolve_model_source
 
 EXIT_RUNTIME, EXIT_CONFIG = 1, 2  # the same codes as meshnode.cli
 
@@ -32,7 +34,13 @@ def _ids(lm: Any, text: str | None, ids: str | None, chat: bool) -> list[int] | 
 
 
 def cmd_handoff(cfg: Config, args: argparse.Namespace) -> int:
-    """Run a node with ``[runtime].model`` loaded and act as KV sender or receiver (meshnode.handoff)."""
+    """Run a node with ``[runtime].model`` loaded and act as KV sender or receiver (meshnode.handoff).
+
+    A missing or unreadable model raises ``ModelNotFoundError`` (exit 2) before the node starts."""
+    if not cfg.runtime.model:
+        print("meshnode: handoff needs a model (--model PATH or runtime.model)", file=sys.stderr)
+        return EXIT_CONFIG
+    resolve_model_source(cfg.runtime.model)
     import trio
 
     from meshnode import handoff
@@ -41,9 +49,6 @@ def cmd_handoff(cfg: Config, args: argparse.Namespace) -> int:
     from meshnode.tensor import SessionClosed
     from tensor_rpc import ProtocolError
 
-    if not cfg.runtime.model:
-        print("meshnode: handoff needs a model (--model PATH or runtime.model)", file=sys.stderr)
-        return EXIT_CONFIG
     setup_logging(cfg.node.log_level, cfg.node.log_json)
 
     def emit(ev: dict[str, Any]) -> None:

@@ -10,12 +10,9 @@ cleaned on SIGINT/SIGTERM as well as on errors.
 
 from __future__ import annotations
 
-import contextlib
-import os
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Any
 
 import multiaddr
@@ -34,6 +31,7 @@ from meshnode.host import build_host, is_relayed, listen_ips, listen_multiaddrs
 from meshnode.identity import load_or_create_identity, peer_id_of
 from meshnode.logs import get_logger, kv
 from meshnode.metrics import NodeMetrics
+from meshnode.model_host import ModelHost
 from meshnode.nat.autonat import AutoNat
 from meshnode.nat.dcutr import HolePuncher
 from meshnode.nat.follow import dht_addrs_follow, dht_mode_follows
@@ -109,10 +107,9 @@ class Node:
         self.control_port: int | None = None
         self.started_at = time.time()
         self._stop = trio.Event()
-        self.model: Any = None  # meshnode.runtime.loader.LoadedModel once [runtime].model is loaded
-        self.model_error: str | None = None
-        self._model_done = trio.Event()
+        self.models = ModelHost(config, self._model_loaded)
         self._nursery: trio.Nursery | None = None
+        self._extra_roles: tuple[str, ...] = ()
         if signature is not None:
             self.serve(signature)
 
@@ -140,8 +137,7 @@ class Node:
                 await nursery.start(self._run_crdt)
                 await nursery.start(self.session_log.run)
                 await nursery.start(self.metrics.run, self.bus)
-                if cfg.runtime.model:
-                    nursery.start_soon(self._load_model)
+                nursery.start_soon(self.models.run)
                 await nursery.start(self.bootstrap.run)
                 nursery.start_soon(self.pex.run)
                 log.info("node started", extra=kv(peer_id=self.peer_id, addrs=[str(a) for a in self.addrs]))
@@ -215,7 +211,21 @@ class Node:
 
     @property
     def roles(self) -> tuple[str, ...]:
-        return (APPLY_ROLE,) if self.tensors.accepting else ()
+        """What our signed DHT record says we serve: ``apply`` while incoming sessions have a
+        consumer, plus the application's own (``add_roles``, e.g. ``agent:<name>``)."""
+        return ((APPLY_ROLE,) if self.tensors.accepting else ()) + self._extra_roles
+
+    async def _publish_roles(self) -> None:
+        """Publish the roles as they are when this runs (calls race in trio's random order: each
+        reads the current set, so the last one to run publishes everything)."""
+        if self.discovery is not None:
+            await self.discovery.set_roles(self.roles)
+
+    def add_roles(self, *roles: str) -> None:
+        """Advertise more roles (peers find us by them: ``find_compatible(..., role=...)``)."""
+        self._extra_roles = tuple(dict.fromkeys(self._extra_roles + roles))
+        if self.discovery is not None and self._nursery is not None:
+            self._nursery.start_soon(self._publish_roles)
 
     def serve(self, signature: ModelSignature, *, accept: bool = True,
               terms: RuntimeTerms | None = None, header_check: Any = None) -> None:
@@ -235,7 +245,7 @@ class Node:
         if header_check is not None:
             t.header_check = header_check
         if self.discovery is not None and self._nursery is not None:  # else run() publishes them
-            self._nursery.start_soon(self.discovery.set_roles, self.roles)
+            self._nursery.start_soon(self._publish_roles)
 
     async def open_session(self, peer: str | ID) -> TensorSession:
         """Open an end-to-end encrypted tensor session (the handshake checks model signatures and
@@ -251,60 +261,24 @@ class Node:
         return await self.tensors.accept(timeout_s)
 
     # -- model runtime ---------------------------------------------------------------------------
-    async def _load_model(self) -> None:
-        """Load ``[runtime].model`` in a worker thread (GGUF conversion takes ~25 s the first time),
-        then serve its signature and advertise it in the DHT."""
-        import functools
-
-        # torch/transformers are imported only by nodes that serve a model
-        from meshnode.runtime.loader import load_model
-
-        rt = self.config.runtime
-        cache = Path(os.path.expanduser(rt.cache_dir)) if rt.cache_dir else self.config.data_dir / "models"
-        log.info("loading model", extra=kv(model=rt.model, dtype=rt.dtype, cache=str(cache)))
-        t0 = time.monotonic()
-        try:
-            # abandon_on_cancel: a node told to stop mid-conversion exits now (the cache is
-            # published by an atomic rename, so an abandoned conversion leaves no partial model)
-            lm = await trio.to_thread.run_sync(functools.partial(
-                load_model, rt.model, dtype=rt.dtype, num_threads=rt.num_threads, cache_dir=cache),
-                abandon_on_cancel=True)
-        except Exception as exc:
-            self.model_error = f"{type(exc).__name__}: {exc}"
-            log.error("model load failed", extra=kv(model=rt.model, err=exc))
-            self._model_done.set()
-            return
-        self.model = lm
-        # a node that loads a model serves its signature; it takes state from peers only once an
-        # application (``meshnode handoff receive``) calls serve(..., accept=True)
+    async def _model_loaded(self, lm: Any) -> None:
+        """A node that loads a model serves its signature; it takes state from peers only once
+        an application (``meshnode handoff receive``) calls serve(..., accept=True)."""
         self.serve(lm.signature, accept=self.tensors.accepting, terms=runtime_terms(lm))
-        self._model_done.set()
-        log.info("model loaded", extra=kv(model=rt.model, compat_key=lm.signature.compat_key,
-                                          load_s=round(time.monotonic() - t0, 2)))
         if self.discovery is not None:
             try:
                 await self.advertise(lm.signature)
             except Exception as exc:  # served already; the discovery refresh loop retries
                 log.warning("advertise failed", extra=kv(err=exc))
 
-    async def wait_model(self, timeout_s: float | None = None) -> Any:
-        """The loaded model (``LoadedModel``) once ready; raises if loading failed or none is set."""
-        if not self.config.runtime.model:
-            raise RuntimeError("no model configured ([runtime].model)")
-        with trio.fail_after(timeout_s) if timeout_s is not None else contextlib.nullcontext():
-            await self._model_done.wait()
-        if self.model is None:
-            raise RuntimeError(f"model load failed: {self.model_error}")
-        return self.model
+    @property
+    def model(self) -> Any:
+        """The loaded model (``LoadedModel``), or ``None``."""
+        return self.models.model
 
-    def _model_status(self) -> dict[str, Any] | None:
-        if not self.config.runtime.model:
-            return None
-        sig = self.model.signature if self.model is not None else None
-        return {"model": self.config.runtime.model,
-                "state": "ready" if sig else ("failed" if self.model_error else "loading"),
-                "error": self.model_error, "compat_key": sig.compat_key if sig else None,
-                "family": sig.family if sig else None}
+    async def wait_model(self, timeout_s: float | None = None) -> Any:
+        """The loaded model once ready; raises if loading failed or none is configured."""
+        return await self.models.wait(timeout_s)
 
     # -- introspection ---------------------------------------------------------------------------
     @property
@@ -344,7 +318,7 @@ class Node:
             "streams": self._stream_count(),
             "uptime_s": round(time.time() - self.started_at, 3),
             "control_port": self.control_port,
-            "model": self._model_status(),
+            "model": self.models.status(),
             "roles": list(self.roles),
             "tensor": self.tensors.status(),
             "reachability": self.autonat.status() if self.autonat is not None else None,

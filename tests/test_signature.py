@@ -172,11 +172,23 @@ def test_gguf_digest_is_stable_and_cached(tmp_path: Path) -> None:
     a = weights_digest(path, cache_dir=tmp_path)
     assert weights_digest(path, cache_dir=tmp_path) == a == builders.digest_gguf(path)
     assert a != weights_digest(_write(tmp_path / "m", _weights()))
-    # our header parser (skips metadata) sees the same tensors as gguf's own reader
+    # our header parser (skips metadata) sees the same tensors as gguf's own reader: the same
+    # name, type, dims as stored, data offset and byte length, and so the same digest
+    import mmap
+
     import gguf
 
+    reader = gguf.GGUFReader(str(path))
+    theirs = [(t.name, "gguf:" + gguf.GGMLQuantizationType(int(t.tensor_type)).name,
+               [int(x) for x in t.shape], int(t.data_offset), int(t.n_bytes)) for t in reader.tensors]
+    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        mv = memoryview(m)
+        try:
+            assert builders.gguf_tensor_index(mv) == theirs
+        finally:
+            mv.release()
     d = builders.WeightsDigester()
-    for t in sorted(gguf.GGUFReader(str(path)).tensors, key=lambda t: t.name):
+    for t in sorted(reader.tensors, key=lambda t: t.name):
         d.add(t.name, "gguf:" + gguf.GGMLQuantizationType(int(t.tensor_type)).name,
               [int(x) for x in t.shape], memoryview(t.data).cast("B"))
     assert d.hexdigest() == a

@@ -40,6 +40,7 @@ from meshnode.host import build_host_for_dialing, close_stream, local_address, r
 from meshnode.logs import get_logger, kv
 from meshnode.nat import autonat_pb as pb
 from meshnode.nat.observed import observed_ip
+from meshnode.nat.pbschema import StreamEnded
 from meshnode.nat.reachability import UNKNOWN, Reachability
 
 log = get_logger("meshnode.nat.autonat")
@@ -262,6 +263,8 @@ class AutoNat:
         try:
             with trio.fail_after(self.s.request_timeout_s):
                 clean = await self._serve_one(stream, peer)
+        except StreamEnded:  # the client closed before asking (it had no address to test)
+            log.debug("autonat request stream closed unused", extra=kv(peer=peer))
         except Exception as exc:  # boundary: a hostile client never reaches the node
             self._refuse("autonat_bad_request", peer, exc)
         finally:

