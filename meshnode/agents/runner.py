@@ -143,15 +143,22 @@ class Run:
                 if ev["event"] == "exited":
                     raise RuntimeError(f"node {node} failed to start (log: {self.data_dir / node}.log)")
                 boot = ev["addrs"][0]
+                # its model first: a GGUF is converted once into the shared cache, not N times
+                self.wait_for(lambda e: e.get("event") in ("model", "error", "exited"),
+                              self.sc.timeout_s, f"node {node}'s model")
 
     def check_models(self) -> str | None:
         """Every node's signature against the lead node's; the mismatch named, or ``None``."""
         sigs: dict[str, ModelSignature] = {}
+        exited = {e["_node"]: e for e in self.events if e.get("event") == "exited"}
         while set(self.models) != set(self.procs):
+            missing = [n for n in exited if n not in self.models]
+            if missing:
+                return f"node {missing[0]} exited before its model loaded (code {exited[missing[0]]['code']})"
             ev = self.wait_for(lambda e: e.get("event") in ("model", "error", "exited"),
                                self.sc.timeout_s, "model load")
-            if ev["event"] == "exited" and ev["_node"] not in self.models:
-                return f"node {ev['_node']} exited before its model loaded (code {ev['code']})"
+            if ev["event"] == "exited":
+                exited[ev["_node"]] = ev
         for node, ev in self.models.items():
             if ev["event"] != "model":
                 return f"node {node}: {ev.get('error')}"
@@ -184,17 +191,16 @@ class Run:
                 break
 
     def baselines(self, jobs: list[dict]) -> list[dict]:
-        sent = 0
+        """One at a time: a baseline's timing is not shared with another node's work."""
+        got = []
         for job in jobs:
             node = self.sc.agent(job["agent"]).node
-            if node in self.procs and job["agent"] not in self.failed:
-                self.procs[node].send(cmd="baseline", **job)
-                sent += 1
-        got = []
-        for _ in range(sent):
+            if node not in self.procs or job["agent"] in self.failed:
+                continue
+            self.procs[node].send(cmd="baseline", **job)
             try:
                 got.append(self.wait_for(lambda e: e.get("event") == "baseline", self.sc.timeout_s,
-                                         "text baselines"))
+                                         "a text baseline"))
             except TimeoutError:
                 break
         return got
