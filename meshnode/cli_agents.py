@@ -13,12 +13,13 @@ EXIT_CONFIG = 2
 RUN_HELP = """\
 Run a scenario: start one node process per scenario node on 127.0.0.1 (they find each other
 through the DHT), hand KV caches between the agents as the scenario's pattern says, time the two
-text baselines on the same token ids, and print the comparison (or --json).
-
+text baselines on the same token ids, and print the comparison (or --json). Models are converted
+once into ~/.cache/latentlink/models (override: --set runtime.cache_dir=DIR)."""
+RUN_EXAMPLES = """\
 examples:
-  meshnode agents run read-once --set dht.refresh_interval_s=30
+  meshnode agents run read-once
   meshnode agents run configs/scenarios/relay.toml --json > relay.json
-"""
+  meshnode agents run warm --keep /tmp/warm --log-level info   # keep the nodes' logs"""
 
 
 def add_parser(sub: Any, config_args: Callable[[argparse.ArgumentParser], None]) -> None:
@@ -26,16 +27,18 @@ def add_parser(sub: Any, config_args: Callable[[argparse.ArgumentParser], None])
                        description="Scenarios of agents that hand each other their state "
                        "(configs/scenarios/*.toml): list them, run one, or (internally) serve "
                        "one node of a run.",
-                       epilog="examples:\n  meshnode agents list\n  meshnode agents run read-once",
+                       epilog="examples:\n  meshnode agents list   # the shipped scenarios\n"
+                              "  meshnode agents run read-once",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     asub = p.add_subparsers(dest="agents_cmd", required=True)
     c = asub.add_parser("list", help="the shipped scenarios",
                         description="List the scenarios in configs/scenarios/ with their descriptions.",
-                        epilog="example:\n  meshnode agents list",
+                        epilog="example:\n  meshnode agents list   # name and description of each",
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     c.set_defaults(fn=cmd_list, no_config=True)
     c = asub.add_parser("run", help="run a scenario and compare KV handoff with text",
-                        description=RUN_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+                        description=RUN_HELP, epilog=RUN_EXAMPLES,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     c.add_argument("scenario", help="a shipped scenario's name (see 'agents list') or a .toml path")
     c.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     c.add_argument("--keep", metavar="DIR", help="keep the nodes' data and logs in DIR")

@@ -38,10 +38,24 @@ def _kv_bytes_per_token() -> int:
 LOGITS_BYTES = TINY_MODELS["llama"]["config"]["vocab_size"] * 4
 
 
-def _write(tmp_path: Path, name: str, body: str) -> Path:
+def _write(tmp_path: Path, name: str, head: str, nodes: int | dict[str, str | None],
+           agents: list[dict]) -> Path:
+    """A scenario file: its top-level keys, its nodes (a count: n0.., or name -> own model or
+    None), its agents."""
+    spec = {f"n{i}": None for i in range(nodes)} if isinstance(nodes, int) else nodes
+    lines = [f'name = "{name}"', head.strip()]
+    for n, m in spec.items():
+        lines += [f"[nodes.{n}]"] + ([f"model = {json.dumps(m)}"] if m else [])
+    for a in agents:
+        lines.append("[[agents]]")
+        lines += [f"{k} = {json.dumps(v)}" for k, v in a.items()]
     p = tmp_path / f"{name}.toml"
-    p.write_text(body)
+    p.write_text("\n".join(lines) + "\n")
     return p
+
+
+def _agent(name: str, node: str, role: str, **kw) -> dict:
+    return {"name": name, "node": node, "role": role, **kw}
 
 
 def _run(scenario: Path, cache: Path, expect: int = 0) -> tuple[dict, str]:
@@ -75,7 +89,6 @@ def _check_crdt(report: dict) -> int:
 def test_read_once_continue_many(tmp_path, models):
     model, _, cache = models
     sc = _write(tmp_path, "fanout", f"""
-name = "fanout"
 pattern = "fanout"
 model = "{model}"
 tokens = 8
@@ -84,24 +97,8 @@ timeout_s = 120
 system_ids = {SYSTEM}
 warm_system = true
 document_ids = {DOC}
-[nodes.n0]
-[nodes.n1]
-[nodes.n2]
-[[agents]]
-name = "reader"
-node = "n0"
-role = "reader"
-[[agents]]
-name = "w1"
-node = "n1"
-role = "worker"
-instruction_ids = [100, 101, 102]
-[[agents]]
-name = "w2"
-node = "n2"
-role = "worker"
-instruction_ids = [110, 111, 112, 113]
-""")
+""", 3, [_agent("reader", "n0", "reader"), _agent("w1", "n1", "worker", instruction_ids=[100, 101, 102]),
+         _agent("w2", "n2", "worker", instruction_ids=[110, 111, 112, 113])])
     report, _ = _run(sc, cache)
     kv = [r for r in report["rows"] if r["variant"] == "kv"]
     assert sorted(r["agent"] for r in kv) == ["w1", "w2"] and all(r["identical"] for r in kv)
@@ -119,7 +116,6 @@ instruction_ids = [110, 111, 112, 113]
 def test_relay_of_thought(tmp_path, models):
     model, _, cache = models
     sc = _write(tmp_path, "relay", f"""
-name = "relay"
 pattern = "relay"
 model = "{model}"
 tokens = 5
@@ -127,17 +123,7 @@ rounds = 2
 block_tokens = 4
 timeout_s = 120
 prompt_ids = {DOC[:21]}
-[nodes.n0]
-[nodes.n1]
-[[agents]]
-name = "driver"
-node = "n0"
-role = "driver"
-[[agents]]
-name = "partner"
-node = "n1"
-role = "partner"
-""")
+""", 2, [_agent("driver", "n0", "driver"), _agent("partner", "n1", "partner")])
     report, _ = _run(sc, cache)
     kv = [r for r in report["rows"] if r["variant"] == "kv"]
     assert [r["round"] for r in kv] == [1, 2, 3] and all(r["identical"] for r in kv)
@@ -154,32 +140,15 @@ def test_warm_worker_gets_only_the_suffix_and_a_spoiled_prefix_the_full_state(tm
     model, _, cache = models
     part1, part2 = DOC[:51], DOC[51:]
     sc = _write(tmp_path, "warm", f"""
-name = "warm"
 pattern = "warm"
 model = "{model}"
 tokens = 6
 block_tokens = 4
 timeout_s = 120
 document_parts = [{part1}, {part2}]
-[nodes.n0]
-[nodes.n1]
-[nodes.n2]
-[[agents]]
-name = "reader"
-node = "n0"
-role = "reader"
-[[agents]]
-name = "keeper"
-node = "n1"
-role = "worker"
-instructions = [[100, 101], [102, 103, 104]]
-[[agents]]
-name = "spoiled"
-node = "n2"
-role = "worker"
-instructions = [[100, 101], [102, 103, 104]]
-poison = true
-""")
+""", 3, [_agent("reader", "n0", "reader"),
+         _agent("keeper", "n1", "worker", instructions=[[100, 101], [102, 103, 104]]),
+         _agent("spoiled", "n2", "worker", instructions=[[100, 101], [102, 103, 104]], poison=True)])
     report, _ = _run(sc, cache)
     assert all(r["identical"] for r in report["rows"] if r["variant"] == "kv")
     hands = {(e["to"], e["round"]): e for e in report["events"] if e.get("event") == "handoff"}
@@ -197,23 +166,11 @@ poison = true
 def test_a_node_with_another_model_fails_at_once_naming_the_fields(tmp_path, models):
     model, other, cache = models
     sc = _write(tmp_path, "mismatch", f"""
-name = "mismatch"
 pattern = "fanout"
 model = "{model}"
 document_ids = {DOC}
-[nodes.n0]
-[nodes.n1]
-model = "{other}"
-[[agents]]
-name = "reader"
-node = "n0"
-role = "reader"
-[[agents]]
-name = "w1"
-node = "n1"
-role = "worker"
-instruction_ids = [100]
-""")
+""", {"n0": None, "n1": other}, [_agent("reader", "n0", "reader"),
+                                 _agent("w1", "n1", "worker", instruction_ids=[100])])
     report, stderr = _run(sc, cache, expect=2)
     assert "w1 on node n1 run a different model" in report["error"]
     assert "mismatched signature fields: weights_digest" in report["error"]
@@ -223,29 +180,13 @@ instruction_ids = [100]
 def test_an_agent_on_an_unknown_node_fails_alone(tmp_path, models):
     model, _, cache = models
     sc = _write(tmp_path, "unknown", f"""
-name = "unknown"
 pattern = "fanout"
 model = "{model}"
 tokens = 4
 timeout_s = 60
 document_ids = {DOC}
-[nodes.n0]
-[nodes.n1]
-[[agents]]
-name = "reader"
-node = "n0"
-role = "reader"
-[[agents]]
-name = "w1"
-node = "n1"
-role = "worker"
-instruction_ids = [100]
-[[agents]]
-name = "lost"
-node = "n9"
-role = "worker"
-instruction_ids = [100]
-""")
+""", 2, [_agent("reader", "n0", "reader"), _agent("w1", "n1", "worker", instruction_ids=[100]),
+         _agent("lost", "n9", "worker", instruction_ids=[100])])
     report, _ = _run(sc, cache, expect=1)
     assert report["failed"]["lost"].startswith("unknown node 'n9'")
     kv = [r for r in report["rows"] if r["variant"] == "kv"]

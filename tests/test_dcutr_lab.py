@@ -9,33 +9,31 @@ from pathlib import Path
 
 import pytest
 
-from meshnode.runtime.loader import TinySpec, load_model
-from tests.helpers.handoff_peer import HandoffProc
-from tests.helpers.natlab import TEST_PREFIX, LabNode, natlab, requires_lab
+from tests.helpers.natlab import (
+    FAST,
+    TEST_PREFIX,
+    LabNode,
+    lab_handoff,
+    natlab,
+    requires_lab,
+    tiny_model,
+)
 from tests.helpers.nodeproc import wait_until
-from tests.helpers.runtime_models import TINY_MODELS, TINY_PROMPT
+from tests.helpers.runtime_models import TINY_PROMPT
 
 pytestmark = requires_lab
 N = 16
-FAST = ["--set", "nat.probe_interval_s=0.5", "--set", "nat.server_retry_s=2",
-        "--set", "host.peer_exchange_interval_s=0.5", "--set", "host.dial_timeout_s=3",
-        "--set", "nat.dial_back_timeout_s=2", "--set", "relay.scan_interval_s=0.5",
-        "--set", "relay.direct_dial_timeout_s=1", "--set", "dcutr.relay_grace_s=1",
-        "--set", "transport.inline_max_bytes=0", "--log-level", "info"]  # the tiny model's KV would otherwise go in-band
+EXTRA = [*FAST, "--set", "dcutr.relay_grace_s=1", "--set", "transport.inline_max_bytes=0"]
+# (the tiny model's KV would otherwise go in-band on the stream: this tests the bulk lane)  # the tiny model's KV would otherwise go in-band
 
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory) -> tuple[str, Path]:
-    cache = tmp_path_factory.mktemp("dcutr-cache")
-    spec = TINY_MODELS["llama"]
-    return str(load_model(TinySpec(spec["type"], spec["config"], seed=0), cache_dir=cache).source), cache
+    return tiny_model(tmp_path_factory.mktemp("lab-cache"))
 
 
 def _handoff(lab, host: str, role: str, root: Path, model, boot: list[str], args: list[str]):
-    path, cache = model
-    return HandoffProc(role, root / f"{role}-{host}", path, cache, bootstrap=boot,
-                       listen=f"/ip4/{lab.hosts[host].ip}/tcp/4001",
-                       prefix=lab.exec_args(lab.hosts[host].ns), args=[*FAST, *args])
+    return lab_handoff(lab, host, role, root, model, boot, [*EXTRA, *args])
 
 
 def _pair(tmp_path: Path, model, profiles: list[str], expect_path: str) -> tuple[dict, dict]:

@@ -14,6 +14,7 @@ with the reason; the others finish (exit 1 when any row failed).
 from __future__ import annotations
 
 import json
+import os
 import queue
 import subprocess
 import sys
@@ -27,6 +28,7 @@ from discovery.signature import ModelSignature, compare
 from meshnode.agents.scenario import Scenario
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
+DEFAULT_CACHE = Path(os.environ.get("LATENTLINK_CACHE_DIR", Path.home() / ".cache" / "latentlink")) / "models"
 
 
 class NodeProc:
@@ -92,6 +94,8 @@ class Run:
                 "--control-port", "0", "--log-level", self.log_level,
                 "--set", f"runtime.model={sc.model_of(node)}", "--set", f"runtime.dtype={sc.dtype}",
                 "--set", f"runtime.num_threads={sc.threads}", "--set", "host.peer_exchange_interval_s=0.5"]
+        if not any(s.startswith("runtime.cache_dir=") for s in self.extra):  # convert models once
+            argv += ["--set", f"runtime.cache_dir={DEFAULT_CACHE}"]
         for s in self.extra:
             argv += ["--set", s]
         return argv + (["--bootstrap", bootstrap] if bootstrap else [])

@@ -27,7 +27,7 @@ import trio
 from libp2p.network.stream.exceptions import StreamEOF
 from libp2p.peer.id import ID
 
-from meshnode.host import close_stream, grow_yamux_window, is_relayed, remote_ip
+from meshnode.host import close_stream, grow_yamux_window, remote_ip
 from meshnode.logs import get_logger, kv
 from meshnode.tensor.events import (
     MessageApplied,
@@ -35,7 +35,7 @@ from meshnode.tensor.events import (
     MessageRefused,
     TransferFailed,
 )
-from meshnode.tensor.lanes_in import feed_lane
+from meshnode.tensor.lanes_in import IncomingLanes
 from meshnode.tensor.received import Received, Sent, SessionClosed
 from meshnode.tensor.sender import Sender
 from tensor_rpc import (
@@ -57,7 +57,6 @@ from tensor_rpc.envelope import TensorSpec
 from tensor_rpc.message import PayloadSource
 from tensor_rpc.session import SinkFactory
 from tensor_rpc.tensors import tensor_source
-from tensor_rpc.transport import LaneReceiver
 
 if TYPE_CHECKING:
     from meshnode.tensor.service import TensorService
@@ -94,7 +93,7 @@ class TensorSession:
         # that outruns the application gets its session closed, never an acked message dropped)
         self._in_send, self._in_recv = trio.open_memory_channel[Received](math.inf)
         self._queued_charge: dict[int, int] = {}  # mid -> budget bytes held until handed over
-        self._rx_lanes: list[LaneReceiver] = []
+        self.incoming = IncomingLanes(self)
         self._sender = Sender(self)
         self._nursery: trio.Nursery | None = None
         self._tick_scope: trio.CancelScope | None = None
@@ -111,7 +110,7 @@ class TensorSession:
     @property
     def lanes(self) -> dict[str, int]:
         out: dict[str, int] = {}
-        for rx in self._rx_lanes:
+        for rx in self.incoming.lanes:
             out[f"in_{rx.path}"] = out.get(f"in_{rx.path}", 0) + 1
         for path in self._sender.lanes.open_paths():
             out[f"out_{path}"] = out.get(f"out_{path}", 0) + 1
@@ -145,7 +144,7 @@ class TensorSession:
             self._handle(self.session.close("internal error"))
         finally:
             self._mark_closed("session stopped", self._close_error)
-            for rx in list(self._rx_lanes):
+            for rx in list(self.incoming.lanes):
                 rx.close()
             with trio.CancelScope(shield=True):
                 await close_stream(self.stream, self._clean, s.close_timeout_s)
@@ -230,11 +229,7 @@ class TensorSession:
                 self.session.offer_lanes(self._service.lane_offer())
                 self._ready.set()
             elif isinstance(ev, LanesOffered):
-                self._sender.lanes.offered(ev.offer)
-                if ev.offer.knock is not None:  # dial the peer's lane back (never over a relay)
-                    knocked = None if is_relayed(self.stream) else \
-                        self._service.lanes.knock_for(self.stream, ev.offer.knock)
-                    self.session.offer_lanes(self._service.lane_offer(knocked=knocked))
+                self._sender.offered(ev.offer)
             elif isinstance(ev, MessageStarted):
                 mid = ev.header.message_id
                 self._started[mid] = now
@@ -305,7 +300,7 @@ class TensorSession:
             ev.set()
         self._header_events.clear()
         self._in_send.close()
-        for rx in self._rx_lanes:
+        for rx in self.incoming.lanes:
             rx.close()
         if error is not None:
             log.info("tensor session ended", extra=kv(peer=self.peer_id, session=self.session_id,
@@ -315,38 +310,6 @@ class TensorSession:
     def queued(self) -> int:
         """Verified messages waiting for the application."""
         return self._in_recv.statistics().current_buffer_used
-
-    # -- incoming data lanes -------------------------------------------------------------------
-    def add_lane(self, rx: LaneReceiver) -> str | None:
-        """Adopt an authenticated incoming lane; returns why not (or ``None``)."""
-        if self._closed.is_set() or self._nursery is None:
-            return "session closed"
-        if len(self._rx_lanes) >= self._settings.max_lanes_per_session:
-            return f"session already has {len(self._rx_lanes)} lanes (transport.max_lanes_per_session)"
-        self._rx_lanes.append(rx)
-        self._nursery.start_soon(feed_lane, self, rx)
-        return None
-
-    def lane_ended(self, rx: LaneReceiver) -> None:
-        if rx in self._rx_lanes:
-            self._rx_lanes.remove(rx)
-
-    async def lane_chunk(self, mid: int, idx: int, view: memoryview, path: str) -> None:
-        """One chunk from an incoming lane (``view`` is the lane's staging slot)."""
-        state = self.session.incoming_state(mid)
-        if state == "future":  # the header (on the stream) may trail the lane's first chunks
-            ev = self._header_events.get(mid) or self._header_events.setdefault(mid, trio.Event())
-            with trio.move_on_after(self.session.limits.progress_timeout_s):
-                await ev.wait()
-            if self._closed.is_set():
-                return
-            if self.session.incoming_state(mid) == "future":
-                raise ConnectionError(f"no header for lane message {mid}")
-        if self._closed.is_set():
-            return
-        if self.session.incoming_state(mid) == "live":
-            self._mid_path[mid] = path
-        self._handle(self.session.receive_chunk(mid, idx, view, trio.current_time()))
 
     # -- public API ----------------------------------------------------------------------------
     async def wait_ready(self, timeout_s: float) -> None:
@@ -427,9 +390,4 @@ class TensorSession:
 
     def _remote_ip(self) -> str | None:
         return remote_ip(self.stream)
-
-    def ask_knock(self, port: int) -> None:
-        """Ask the peer to dial our local ``port`` back for a bulk lane (answered by a LANES)."""
-        self.session.offer_lanes(self._service.lane_offer(knock=port))
-        self._kick()
 

@@ -199,7 +199,7 @@ class LaneServer:
                 log.warning("data lane connection dropped", extra=kv(remote=remote, reason=reason))
                 janitor()
                 return
-            why = ts.add_lane(rx)
+            why = ts.incoming.add(rx)
             if why is not None:
                 rx.close()
                 self._refuse("lane_per_session")
@@ -252,7 +252,7 @@ async def feed_lane(ts: TensorSession, rx: LaneReceiver) -> None:
         try:
             async for mid, idx, view, done in chunks_out:
                 try:
-                    await ts.lane_chunk(mid, idx, view, rx.path)
+                    await ts.incoming.chunk(mid, idx, view, rx.path)
                 finally:
                     done()
                     view = None
@@ -273,5 +273,47 @@ async def feed_lane(ts: TensorSession, rx: LaneReceiver) -> None:
                 chunks_in.close()
     finally:
         rx.close()
-        ts.lane_ended(rx)
+        ts.incoming.ended(rx)
         janitor()
+
+
+class IncomingLanes:
+    """A session's incoming data lanes: adopted once through the gate, fed into its session."""
+
+    def __init__(self, ts: TensorSession) -> None:
+        self.ts = ts
+        self.lanes: list[LaneReceiver] = []
+
+    def add(self, rx: LaneReceiver) -> str | None:
+        """Adopt an authenticated incoming lane; returns why not (or ``None``)."""
+        ts = self.ts
+        if ts.closed or ts._nursery is None:
+            return "session closed"
+        if len(self.lanes) >= ts._settings.max_lanes_per_session:
+            return f"session already has {len(self.lanes)} lanes (transport.max_lanes_per_session)"
+        self.lanes.append(rx)
+        ts._nursery.start_soon(feed_lane, ts, rx)
+        return None
+
+    def ended(self, rx: LaneReceiver) -> None:
+        if rx in self.lanes:
+            self.lanes.remove(rx)
+
+    async def chunk(self, mid: int, idx: int, view: memoryview, path: str) -> None:
+        """One chunk from an incoming lane (``view`` is the lane's staging slot)."""
+        ts = self.ts
+        state = ts.session.incoming_state(mid)
+        if state == "future":  # the header (on the stream) may trail the lane's first chunks
+            ev = ts._header_events.get(mid) or ts._header_events.setdefault(mid, trio.Event())
+            with trio.move_on_after(ts.session.limits.progress_timeout_s):
+                await ev.wait()
+            if ts.closed:
+                return
+            if ts.session.incoming_state(mid) == "future":
+                raise ConnectionError(f"no header for lane message {mid}")
+        if ts.closed:
+            return
+        if ts.session.incoming_state(mid) == "live":
+            ts._mid_path[mid] = path
+        ts._handle(ts.session.receive_chunk(mid, idx, view, trio.current_time()))
+

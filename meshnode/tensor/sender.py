@@ -58,7 +58,22 @@ class Sender:
         self.lock = trio.Lock()
         self.waiters: dict[int, _Waiter] = {}
         self.lanes = LaneClient(ts._settings, ts.session, ts._remote_ip,
-                                lambda: local_address(ts.stream), ts.ask_knock)
+                                lambda: local_address(ts.stream), self._ask_knock)
+
+    def offered(self, offer: Any) -> None:
+        """The peer's LANES: where our lanes go; if it asks (``knock``), dial its lane back
+        through our NAT (never over a relay: no lane goes there)."""
+        self.lanes.offered(offer)
+        if offer.knock is not None:
+            ts = self.ts
+            knocked = None if is_relayed(ts.stream) else \
+                ts._service.lanes.knock_for(ts.stream, offer.knock)
+            ts.session.offer_lanes(ts._service.lane_offer(knocked=knocked))
+
+    def _ask_knock(self, port: int) -> None:
+        """Ask the peer to dial our local ``port`` back for a bulk lane (answered by a LANES)."""
+        self.ts.session.offer_lanes(self.ts._service.lane_offer(knock=port))
+        self.ts._kick()
 
     def resolve(self, mid: int, ev: Any) -> None:
         waiter = self.waiters.get(mid)

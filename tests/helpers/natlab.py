@@ -87,3 +87,28 @@ class LabNode:
         self._err.close()
         if self.proc.stdout:
             self.proc.stdout.close()
+
+
+# the NAT lab's node settings for tests: fast probes, short timeouts
+FAST = ["--set", "nat.probe_interval_s=0.5", "--set", "nat.server_retry_s=2",
+        "--set", "host.peer_exchange_interval_s=0.5", "--set", "host.dial_timeout_s=3",
+        "--set", "nat.dial_back_timeout_s=2", "--set", "relay.scan_interval_s=0.5",
+        "--set", "relay.direct_dial_timeout_s=1"]
+
+
+def tiny_model(cache: Path) -> tuple[str, Path]:
+    """A tiny seeded llama saved under ``cache``: (its path, the cache)."""
+    from meshnode.runtime.loader import TinySpec, load_model
+    from tests.helpers.runtime_models import TINY_MODELS
+    spec = TINY_MODELS["llama"]
+    return str(load_model(TinySpec(spec["type"], spec["config"], seed=0), cache_dir=cache).source), cache
+
+
+def lab_handoff(lab: natlab.Lab, host: str, role: str, root: Path, model: tuple[str, Path],
+                boot: list[str], args: list[str]):
+    """``meshnode handoff <role>`` inside lab host ``host``, listening on its lab address."""
+    from tests.helpers.handoff_peer import HandoffProc
+    path, cache = model
+    return HandoffProc(role, root / f"{role}-{host}", path, cache, bootstrap=boot,
+                       listen=f"/ip4/{lab.hosts[host].ip}/tcp/4001",
+                       prefix=lab.exec_args(lab.hosts[host].ns), args=list(args))
