@@ -10,8 +10,10 @@ trials are independent. Commands, one JSON object per stdin line; events, one JS
                                         handoffs, "drain" takes any payload and drops it
   {"cmd": "stop"}                    -> {"event": "stopped"}
   {"cmd": "handoff", "peer", "addrs", "tokens", "prompt"}
-                                     -> connect (direct addresses first, then circuits), wait for
-                                        the path to settle, hand the KV over, compare: "trial"
+                                     -> connect (direct addresses first, then circuits; up to 3
+                                        dials), wait for the path to settle, hand the KV over (a
+                                        session whose handshake timed out is opened once more),
+                                        compare: "trial" (with the attempts it took)
   {"cmd": "blast", "peer", "addrs", "nbytes"}
                                      -> connect, then one payload of nbytes over the best path
   {"cmd": "quit"}
@@ -43,7 +45,11 @@ from meshnode.host import is_relayed  # noqa: E402
 from meshnode.logs import setup_logging  # noqa: E402
 from meshnode.node import Node  # noqa: E402
 from meshnode.runtime.loader import load_model  # noqa: E402
+from meshnode.tensor import SessionClosed  # noqa: E402
 from tensor_rpc import Kind  # noqa: E402
+
+CONNECT_ATTEMPTS = 3
+HANDOFF_ATTEMPTS = 2
 
 
 def emit(ev: dict[str, Any]) -> None:
@@ -57,17 +63,33 @@ def kinds(node: Node, peer: ID) -> list[str]:
 async def handoff_trial(node: Node, lm: Any, cmd: dict) -> None:
     peer = ID.from_base58(cmd["peer"])
     addrs = [multiaddr.Multiaddr(a) for a in cmd["addrs"]]
-    out: dict[str, Any] = {"event": "trial"}
+    out: dict[str, Any] = {"event": "trial", "connect_attempts": 0, "handoff_attempts": 0}
     t0 = trio.current_time()
     try:
-        await node.host.connect(PeerInfo(peer, addrs))
+        for attempt in range(1, CONNECT_ATTEMPTS + 1):  # an application retries a lossy dial
+            out["connect_attempts"] = attempt
+            try:
+                await node.host.connect(PeerInfo(peer, addrs))
+                break
+            except Exception:
+                if attempt == CONNECT_ATTEMPTS:
+                    raise
         out["connected_s"] = trio.current_time() - t0
         out["first"] = kinds(node, peer)
         out["path"] = await node.holepunch.settled(peer)
         out["settled_s"] = trio.current_time() - t0
         out["ended"] = kinds(node, peer)
         got: list[dict] = []
-        ts = await handoff.hand_off(node, lm, str(peer), cmd["prompt"], cmd["tokens"], got.append)
+        for attempt in range(1, HANDOFF_ATTEMPTS + 1):  # and a session whose handshake timed out
+            out["handoff_attempts"] = attempt
+            try:
+                ts = await handoff.hand_off(node, lm, str(peer), cmd["prompt"], cmd["tokens"],
+                                            got.append)
+                break
+            except (SessionClosed, trio.TooSlowError):
+                if attempt == HANDOFF_ATTEMPTS:
+                    raise
+                got.clear()
         out["sent"] = [e for e in got if e["event"] == "sent"]
         out["final"] = kinds(node, peer)
         out["reference"] = next(e for e in got if e["event"] == "reference")
