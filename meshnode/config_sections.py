@@ -226,7 +226,7 @@ class DcutrSection:
     unilateral_timeout_s: float = _f(2.0, 0.1, 60.0, doc="first, dial a relayed peer's public "
                                      "addresses directly for this long")
     exchange_timeout_s: float = _f(5.0, 0.1, 120.0, doc="each CONNECT/SYNC message on the dcutr stream")
-    await_punch_s: float = _f(5.0, 0.1, 120.0, doc="after dialling a peer through a relay, how long "
+    await_punch_s: float = _f(8.0, 0.1, 120.0, doc="after dialling a peer through a relay, how long "
                               "we wait for it to start the upgrade")
     settle_timeout_s: float = _f(20.0, 0.0, 600.0, doc="a tensor session to a peer being punched "
                                  "waits this long for a direct path before using the relay")

@@ -159,15 +159,22 @@ class HolePuncher:
         async def fetch(key: str, fn: Any, arg: Any) -> None:
             got[key] = await fn(arg)
 
-        async with trio.open_nursery() as n:  # two round trips over the relay, side by side
+        async def open_stream(key: str) -> None:
+            got[key] = await self.host.new_stream(peer, [pb.PROTOCOL])
+
+        # three exchanges over the relay side by side (on a lossy path each costs retransmits);
+        # the dcutr stream opened early also tells A at once that an upgrade is coming
+        async with trio.open_nursery() as n:
             n.start_soon(fetch, "public", self._public_addrs, peer)
             n.start_soon(fetch, "ours", self._our_addrs, relay)
+            n.start_soon(open_stream, "stream")
+        stream = got["stream"]
         if got["public"]:
             with trio.move_on_after(self.s.unilateral_timeout_s):
                 if await self._dial_any(peer, got["public"], punch=False):
+                    await close_stream(stream, True, 1.0)  # no CONNECT: A's side ends cleanly
                     return DIRECT, "unilateral", 0
         ours = got["ours"]
-        stream = await self.host.new_stream(peer, [pb.PROTOCOL])
         clean = False
         theirs: list[Endpoint] = []
         try:

@@ -49,6 +49,7 @@ from meshnode.tensor import SessionClosed  # noqa: E402
 from tensor_rpc import Kind  # noqa: E402
 
 CONNECT_ATTEMPTS = 3
+TRIAL_DEADLINE_S = 100.0
 HANDOFF_ATTEMPTS = 2
 
 
@@ -183,7 +184,10 @@ async def main(args: argparse.Namespace) -> None:
                         await trio.sleep(0.02)
                 emit({"event": "stopped"})
             elif cmd["cmd"] == "handoff" and node is not None:
-                await handoff_trial(node, lm, cmd)
+                with trio.move_on_after(TRIAL_DEADLINE_S) as scope:
+                    await handoff_trial(node, lm, cmd)
+                if scope.cancelled_caught:  # a trial is a result, never a hang
+                    emit({"event": "trial", "error": f"no result within {TRIAL_DEADLINE_S:.0f} s"})
             elif cmd["cmd"] == "blast" and node is not None:
                 await blast(node, cmd)
             elif cmd["cmd"] == "quit":
