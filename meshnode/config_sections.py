@@ -221,11 +221,12 @@ class DcutrSection:
                        "punching coordinated over the relay)")
     attempts: int = _f(3, 1, 10, doc="punch attempts per relayed connection, each with its own "
                        "CONNECT/SYNC (the spec: 3); then the relay is kept")
-    punch_timeout_s: float = _f(3.0, 0.1, 60.0, doc="one simultaneous-open attempt (covers one SYN "
-                                "retransmission at 1 s)")
+    punch_timeout_s: float = _f(5.0, 0.1, 60.0, doc="one simultaneous-open attempt (covers the SYN "
+                                "retransmissions at 1 s and 3 s: a lossy path needs them)")
     unilateral_timeout_s: float = _f(2.0, 0.1, 60.0, doc="first, dial a relayed peer's public "
                                      "addresses directly for this long")
-    exchange_timeout_s: float = _f(5.0, 0.1, 120.0, doc="each CONNECT/SYNC message on the dcutr stream")
+    exchange_timeout_s: float = _f(10.0, 0.1, 120.0, doc="each CONNECT/SYNC message on the dcutr "
+                                   "stream (over a lossy relayed path one message can take seconds)")
     await_punch_s: float = _f(8.0, 0.1, 120.0, doc="after dialling a peer through a relay, how long "
                               "we wait for it to start the upgrade")
     settle_timeout_s: float = _f(20.0, 0.0, 600.0, doc="a tensor session to a peer being punched "

@@ -165,6 +165,24 @@ def release_inbound_slots(swarm: Any) -> None:
     swarm._do_handle_inbound_connection = handle
 
 
+async def close_listeners(host: IHost) -> None:
+    """Close the host's listen sockets; call before leaving ``host.run`` (shielded).
+
+    py-libp2p 0.8.1's swarm closes its listeners only at the end of its shutdown ``finally``,
+    after awaiting each connection's close — in a cancelled scope the first await raises, the
+    listeners stay open, and their serving tasks (system tasks) outlive the host: a node stopped
+    and started again in one process shared its SO_REUSEPORT port with the dead swarm, which
+    accepted and reset about half the inbound connections (seen in the NAT matrix's public
+    trials).
+    """
+    listeners = getattr(host.get_network(), "listeners", {})
+    for listener in list(listeners.values()):
+        try:
+            await listener.close()
+        except Exception as exc:  # boundary: shutting down, one bad listener must not stop the rest
+            log.debug("listener close failed", extra=kv(err=exc))
+
+
 def build_host_for_dialing(key_pair: KeyPair, dial_timeout_s: float) -> IHost:
     """A host that only dials out (no listener, so every dial uses a fresh ephemeral port): the
     AutoNAT server's dial-back host, which must never reuse a connection or our listen port."""

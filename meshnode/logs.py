@@ -34,6 +34,11 @@ class _Demote(logging.Filter):
         return True
 
 
+def _err(exc: BaseException) -> str:
+    """An exception as a log field: its text, or its type where the text is empty (a timeout's)."""
+    return str(exc) or type(exc).__name__
+
+
 class _Formatter(logging.Formatter):
     def __init__(self, as_json: bool) -> None:
         super().__init__()
@@ -47,7 +52,8 @@ class _Formatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
-        fields.update(getattr(record, "kv", {}) or {})
+        for k, v in (getattr(record, "kv", {}) or {}).items():
+            fields[k] = _err(v) if isinstance(v, BaseException) else v
         if record.exc_info:
             fields["exc"] = self.formatException(record.exc_info)
         if self.as_json:

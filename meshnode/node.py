@@ -27,7 +27,7 @@ from meshnode import control
 from meshnode.bootstrap import Bootstrap
 from meshnode.bus import EventBus
 from meshnode.config import Config
-from meshnode.host import build_host, is_relayed, listen_ips, listen_multiaddrs
+from meshnode.host import build_host, close_listeners, is_relayed, listen_ips, listen_multiaddrs
 from meshnode.identity import load_or_create_identity, peer_id_of
 from meshnode.logs import get_logger, kv
 from meshnode.metrics import NodeMetrics
@@ -149,6 +149,7 @@ class Node:
                 nursery.cancel_scope.cancel()
             with trio.move_on_after(cfg.node.shutdown_timeout_s) as scope:
                 scope.shield = True
+                await close_listeners(self.host)  # before the connections: no new ones come in
                 await self._close_connections()
         self.crdt_store.close()
         log.info("node stopped", extra=kv(peer_id=self.peer_id))

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from libp2p.network.stream.exceptions import StreamReset
 
 from meshnode.config import load_config
-from meshnode.host import is_relayed
+from meshnode.host import close_listeners, is_relayed
 from meshnode.nat import dcutr_pb as pb
 from meshnode.nat.paths import DIRECT, PENDING, PUNCHING, RELAY_ONLY, PeerPaths, PunchMemory
 from meshnode.nat.pbschema import WireError, decode
@@ -161,3 +161,30 @@ async def test_the_responder_refuses_an_upgrade_on_a_direct_connection(tmp_path)
         async def counted():
             return _refusals(b, "dcutr_not_relayed") == 1
         await until(counted, 5, "the refusal counted")
+
+
+async def test_against_a_peer_that_answers_one_round_per_stream_each_round_gets_a_fresh_one(tmp_path):
+    """The spec retries on the same stream; go-libp2p and js-libp2p answer one CONNECT/SYNC round
+    per stream and end it (seen against js-libp2p 3.x in scripts/natlab/interop_js). B, ours,
+    opens a fresh stream for each later round, so such a peer still gets all three."""
+    async with AsyncExitStack() as stack:
+        r, _, b, circuit = await _relayed_pair(tmp_path, stack)
+        # A's listener is closed (its address refuses the unilateral dial) and it punches like go/js
+        a = await stack.enter_async_context(open_node(_cfg(tmp_path, "a2", "relay.client=never")))
+        await close_listeners(a.host)
+        rounds: list[int] = []
+
+        async def one_round_per_stream(stream) -> None:
+            await pb.read(stream, pb.CONNECT)
+            await stream.write(pb.message(pb.CONNECT, [multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/1")]))
+            await pb.read(stream, pb.SYNC)
+            rounds.append(1)
+            await stream.reset()
+        a.host.set_stream_handler(pb.PROTOCOL, one_round_per_stream)
+        await a.connect(circuit)
+
+        async def b_done():
+            return b.holepunch.paths.outcomes.get(str(a.peer_id))
+        out = await until(b_done, 30, "b's upgrade outcome")
+        assert (out["path"], out["attempts"]) == (RELAY_ONLY, 3)
+        assert len(rounds) == 3

@@ -1,10 +1,11 @@
 """The host composition: our yamux is the one py-libp2p builds, its reader never blocks on writes,
-and a closed inbound connection gives its slot back."""
+a closed inbound connection gives its slot back, and a stopped node closes its listener."""
 
 from __future__ import annotations
 
 import struct
 
+import pytest
 import trio
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.peer.peerinfo import PeerInfo
@@ -12,8 +13,9 @@ from libp2p.stream_muxer import muxer_multistream
 from libp2p.stream_muxer.yamux.yamux import FLAG_ACK, TYPE_WINDOW_UPDATE, YAMUX_HEADER_FORMAT
 from multiaddr import Multiaddr
 
-from meshnode.config import HostSection
+from meshnode.config import HostSection, load_config
 from meshnode.host import Yamux, build_host, muxer_options
+from meshnode.node import open_node
 from tests.helpers.waits import until
 
 ACK = struct.pack(YAMUX_HEADER_FORMAT, 0, TYPE_WINDOW_UPDATE, FLAG_ACK, 5, 0)
@@ -90,3 +92,21 @@ async def test_a_closed_inbound_connection_frees_its_slot():
         async def all_free() -> bool:
             return limiter.borrowed_tokens == 0
         await until(all_free, 10, "every inbound slot freed")
+
+
+async def test_a_stopped_node_leaves_no_listener_behind(tmp_path):
+    """py-libp2p 0.8.1 left a stopped swarm's listen socket serving (its shutdown was cancelled
+    before it reached the listeners): a node started again in the same process shared the port
+    with the dead swarm, which accepted and reset inbound connections."""
+    cfg = load_config(env={}, overrides=[f"node.data_dir={tmp_path}", "control.enabled=false",
+                                         "dht.enabled=false", "host.listen_addrs=/ip4/127.0.0.1/tcp/0"])
+    async with open_node(cfg) as node:
+        port = int(node.host.get_addrs()[0].value_for_protocol("tcp"))
+        await _dial(port)  # listening now
+    with pytest.raises(ConnectionRefusedError):
+        await _dial(port)
+
+
+async def _dial(port: int) -> None:
+    with trio.socket.socket() as sock:
+        await sock.connect(("127.0.0.1", port))

@@ -6,7 +6,8 @@ drives the upgrade —
 1. *unilateral*: if A's known addresses include public TCP ones, B dials them (A may just be
    public, or behind a port forward) — "public ↔ private: direct, by dialling back";
 2. otherwise, or if that fails, B opens ``/libp2p/dcutr`` over the relayed connection and, up to
-   ``dcutr.attempts`` times on that one stream: CONNECT (B's observed addresses) → CONNECT (A's),
+   ``dcutr.attempts`` times on that one stream (a fresh one per round if A ended it, as go and
+   js peers do): CONNECT (B's observed addresses) → CONNECT (A's),
    B measuring the round trip → SYNC. A dials as soon as SYNC arrives, B after half the round
    trip; both from their listen port, so the SYNs cross and both NATs let the other's through (a
    TCP simultaneous open);
@@ -39,6 +40,7 @@ import trio
 from libp2p.abc import IHost
 from libp2p.io.trio import TrioTCPStream
 from libp2p.network.connection.raw_connection import RawConnection
+from libp2p.network.stream.exceptions import StreamError
 from libp2p.peer.id import ID
 
 from meshnode.bus import EventBus
@@ -47,16 +49,14 @@ from meshnode.host import close_stream, is_relayed
 from meshnode.logs import get_logger, kv
 from meshnode.nat import dcutr_pb as pb
 from meshnode.nat.notify import OnPeerGone
-from meshnode.nat.observed import identify, observed_ip
+from meshnode.nat.observed import Endpoint, PunchAddrs
 from meshnode.nat.paths import DIRECT, PENDING, PUNCHING, RELAY_ONLY, PeerPaths, PunchMemory
 from meshnode.nat.pbschema import StreamEnded
 from meshnode.nat.punch import open_from
 from meshnode.nat.relay_client import RelayedConnection
 
 log = get_logger("meshnode.nat.dcutr")
-OBSERVED_TTL_S = 60.0  # our public IP as an observer saw it is asked again after this
 RefuseCallback = Callable[[str], None]
-Endpoint = tuple[str, int]
 
 class HolePuncher:
     def __init__(self, host: IHost, settings: DcutrSection, bus: EventBus, *,
@@ -68,7 +68,8 @@ class HolePuncher:
         self._active: set[ID] = set()
         self._gave_up = PunchMemory(settings.memory)
         self._slots = trio.CapacityLimiter(settings.max_concurrent)
-        self._seen: dict[ID, tuple[str, float]] = {}  # observer -> (our IP it sees, when asked)
+        self.addrs = PunchAddrs(host, settings.exchange_timeout_s, settings.max_dial_addrs,
+                                allow_private)
         self._nursery: trio.Nursery | None = None
         self.stats = {"direct_unilateral": 0, "direct_punch": 0, "relay_only": 0, "rounds": 0}
 
@@ -89,7 +90,7 @@ class HolePuncher:
                     nursery.start_soon(self._upgrade, ev.peer, ev.relay)
                 else:
                     self._expect(ev.peer)
-                    nursery.start_soon(self._our_addrs, ev.relay)  # ready before B's CONNECT
+                    nursery.start_soon(self.addrs.ours, ev.relay)  # ready before B's CONNECT
 
     # -- path state -------------------------------------------------------------------------------
     def path(self, peer: ID) -> str | None:
@@ -104,8 +105,9 @@ class HolePuncher:
                                        attempts=attempts or None, elapsed_s=round(change.elapsed_s, 3)))
 
     def _expect(self, peer: ID) -> None:
-        """We dialled ``peer`` through a relay: its side drives the upgrade; wait for it."""
-        if self.paths.get(peer) in (PENDING, PUNCHING, DIRECT) or self._nursery is None:
+        """We dialled ``peer`` through a relay: its side drives the upgrade; wait for it (unless
+        a path is known already: a settled relay-only peer is not waited on again)."""
+        if self.paths.get(peer) is not None or self._nursery is None:
             return
         self._set(peer, PENDING)
         self._nursery.start_soon(self._await_punch, peer)
@@ -127,7 +129,8 @@ class HolePuncher:
 
     def _refuse(self, reason: str, peer: Any, why: Any) -> None:
         self._on_refuse(reason)
-        log.warning("dcutr refused", extra=kv(reason=reason, peer=peer, why=str(why)[:200]))
+        log.warning("dcutr refused", extra=kv(reason=reason, peer=peer,
+                                              why=(str(why) or type(why).__name__)[:200]))
 
     # -- B: the peer that received the relayed connection -------------------------------------------
     async def _upgrade(self, peer: ID, relay: ID) -> None:
@@ -165,8 +168,8 @@ class HolePuncher:
         # three exchanges over the relay side by side (on a lossy path each costs retransmits);
         # the dcutr stream opened early also tells A at once that an upgrade is coming
         async with trio.open_nursery() as n:
-            n.start_soon(fetch, "public", self._public_addrs, peer)
-            n.start_soon(fetch, "ours", self._our_addrs, relay)
+            n.start_soon(fetch, "public", self.addrs.theirs, peer)
+            n.start_soon(fetch, "ours", self.addrs.ours, relay)
             n.start_soon(open_stream, "stream")
         stream = got["stream"]
         if got["public"]:
@@ -180,10 +183,16 @@ class HolePuncher:
         try:
             for attempt in range(1, self.s.attempts + 1):
                 with trio.fail_after(self.s.exchange_timeout_s):
-                    t0 = trio.current_time()
-                    await stream.write(pb.message(pb.CONNECT, ours))
-                    msg = await pb.read(stream, pb.CONNECT)
-                    rtt = trio.current_time() - t0
+                    try:
+                        msg, rtt = await _connect(stream, ours)
+                    except (StreamEnded, StreamError):
+                        if attempt == 1:
+                            raise
+                        # the spec retries on the same stream; go and js peers end it after one
+                        # round and expect a fresh one per attempt
+                        await close_stream(stream, True, 1.0)
+                        stream = await self.host.new_stream(peer, [pb.PROTOCOL])
+                        msg, rtt = await _connect(stream, ours)
                 theirs = pb.decode_addrs(msg.ObsAddrs, self.allow_private)[: self.s.max_dial_addrs]
                 if not theirs:
                     log.info("peer named no address to punch", extra=kv(peer=peer))
@@ -235,10 +244,10 @@ class HolePuncher:
         self._set(peer, PUNCHING)
         path, rounds, clean = RELAY_ONLY, 0, False
         try:
-            ours = await self._our_addrs(None)
+            ours = await self.addrs.ours(None)
             for attempt in range(1, self.s.attempts + 1):
                 try:
-                    with trio.fail_after(self.s.exchange_timeout_s):
+                    with trio.fail_after(self._connect_wait(attempt)):
                         msg = await pb.read(stream, pb.CONNECT)
                 except StreamEnded:  # the initiator is done (gave up, or nothing to dial)
                     clean = True
@@ -257,7 +266,9 @@ class HolePuncher:
                     break
             else:
                 clean = True
-        except (pb.WireError, trio.TooSlowError, OSError) as exc:
+        except trio.TooSlowError:
+            self._refuse("dcutr_bad_exchange", peer, "the initiator went silent mid-exchange")
+        except (pb.WireError, OSError) as exc:
             self._refuse("dcutr_bad_exchange", peer, exc)
         except Exception as exc:  # boundary: the relay stays whatever went wrong
             log.info("upgrade (responder) failed", extra=kv(peer=peer, err=exc))
@@ -266,6 +277,14 @@ class HolePuncher:
             self._active.discard(peer)
             await close_stream(stream, clean, 1.0)
         self._finish(peer, path, "punch" if path == DIRECT else "", rounds)
+
+    def _connect_wait(self, attempt: int) -> float:
+        """How long A waits for B's CONNECT: before the first one B looks up addresses (each
+        lookup bounded by the exchange timeout) and may try a unilateral dial; later ones follow
+        a failed punch."""
+        if attempt == 1:
+            return 2 * self.s.exchange_timeout_s + self.s.unilateral_timeout_s
+        return self.s.exchange_timeout_s + self.s.punch_timeout_s
 
     # -- shared -----------------------------------------------------------------------------------
     def _finish(self, peer: ID, path: str, via: str, rounds: int) -> None:
@@ -294,57 +313,6 @@ class HolePuncher:
                 log.info("relayed connection closed after the grace period", extra=kv(
                     peer=peer, grace_s=self.s.relay_grace_s))
 
-    def _listen_endpoints(self) -> list[Endpoint]:
-        out = []
-        for a in self.host.get_transport_addrs():
-            ep = pb.tcp_endpoint(a) if "/0.0.0.0/" not in str(a) else ("0.0.0.0", int(a.value_for_protocol("tcp")))
-            if ep is not None:
-                out.append(ep)
-        return out
-
-    async def _our_addrs(self, relay: ID | None) -> list[multiaddr.Multiaddr]:
-        """What we tell the peer to dial: our listen port on the IP the relay (or any directly
-        connected peer) sees us at, then our listen addresses themselves."""
-        listen = self._listen_endpoints()
-        observers = [relay] if relay is not None else []
-        observers += [p for p, conns in self.host.get_network().connections.items()
-                      if conns and not all(is_relayed(c) for c in conns) and p not in observers]
-        seen_ip = None
-        for who in observers[:3]:
-            cached = self._seen.get(who)
-            if cached is not None and trio.current_time() - cached[1] < OBSERVED_TTL_S:
-                seen_ip = cached[0]
-            else:
-                with trio.move_on_after(self.s.exchange_timeout_s):
-                    seen_ip = await observed_ip(self.host, who)
-                if seen_ip:
-                    self._seen[who] = (seen_ip, trio.current_time())
-                    while len(self._seen) > 64:
-                        self._seen.pop(next(iter(self._seen)))
-            if seen_ip:
-                break
-        eps = [(seen_ip, port) for _, port in listen] if seen_ip else []
-        eps += [ep for ep in listen if ep[0] != "0.0.0.0"]
-        out = []
-        for ip, port in dict.fromkeys(eps):
-            proto = "ip6" if ":" in ip else "ip4"
-            out.append(multiaddr.Multiaddr(f"/{proto}/{ip}/tcp/{port}"))
-        return out
-
-    async def _public_addrs(self, peer: ID) -> list[Endpoint]:
-        """The peer's dialable addresses: those it lists itself (identify, asked over the relayed
-        connection — it may not have run yet), then what the peerstore knows."""
-        raw: list[bytes] = []
-        with trio.move_on_after(self.s.exchange_timeout_s):
-            msg = await identify(self.host, peer)
-            raw += list(msg.listen_addrs) if msg is not None else []
-        try:
-            raw += [a.to_bytes() for a in self.host.get_peerstore().addrs(peer)]
-        except Exception:  # the peerstore raises when it knows no address
-            pass
-        raw = [r for r in raw if _not_circuit(r)]
-        return pb.decode_addrs(raw, self.allow_private)[: self.s.max_dial_addrs]
-
     async def _dial_any(self, peer: ID, targets: list[Endpoint], *, punch: bool,
                         initiator: bool = True) -> bool:
         """Dial every target at once (from our listen port when punching); the first connection
@@ -362,7 +330,7 @@ class HolePuncher:
 
     async def _dial_one(self, peer: ID, dst: Endpoint, punch: bool, initiator: bool) -> bool:
         timeout = self.s.punch_timeout_s if punch else self.s.unilateral_timeout_s
-        src = next((ep for ep in self._listen_endpoints()
+        src = next((ep for ep in self.addrs.listen_endpoints()
                     if (":" in ep[0]) == (":" in dst[0])), None) if punch else None
         if punch and src is None:
             return False
@@ -401,11 +369,12 @@ class HolePuncher:
                 **self.stats}
 
 
-def _not_circuit(raw: bytes) -> bool:
-    try:
-        return "/p2p-circuit" not in str(multiaddr.Multiaddr(raw))
-    except Exception:  # unparsable: decode_addrs drops it anyway
-        return True
+async def _connect(stream: Any, ours: list[multiaddr.Multiaddr]) -> tuple[Any, float]:
+    """B's half of one CONNECT exchange: the peer's CONNECT and the round trip it took."""
+    t0 = trio.current_time()
+    await stream.write(pb.message(pb.CONNECT, ours))
+    msg = await pb.read(stream, pb.CONNECT)
+    return msg, trio.current_time() - t0
 
 
 async def _close(conn: Any) -> None:

@@ -12,7 +12,8 @@ trials are independent. Commands, one JSON object per stdin line; events, one JS
   {"cmd": "handoff", "peer", "addrs", "tokens", "prompt"}
                                      -> connect (direct addresses first, then circuits; up to 3
                                         dials), wait for the path to settle, hand the KV over (a
-                                        session whose handshake timed out is opened once more),
+                                        session that broke off — lost stream, timeout — is
+                                        opened once more),
                                         compare: "trial" (with the attempts it took)
   {"cmd": "blast", "peer", "addrs", "nbytes"}
                                      -> connect, then one payload of nbytes over the best path
@@ -36,6 +37,7 @@ sys.path.insert(0, ROOT)
 import multiaddr  # noqa: E402
 import numpy as np  # noqa: E402
 import trio  # noqa: E402
+from libp2p.host.exceptions import StreamFailure  # noqa: E402
 from libp2p.peer.id import ID  # noqa: E402
 from libp2p.peer.peerinfo import PeerInfo  # noqa: E402
 
@@ -47,6 +49,7 @@ from meshnode.node import Node  # noqa: E402
 from meshnode.runtime.loader import load_model  # noqa: E402
 from meshnode.tensor import SessionClosed  # noqa: E402
 from tensor_rpc import Kind  # noqa: E402
+from tensor_rpc.errors import ErrorCode, ProtocolError  # noqa: E402
 
 CONNECT_ATTEMPTS = 3
 TRIAL_DEADLINE_S = 100.0
@@ -81,14 +84,15 @@ async def handoff_trial(node: Node, lm: Any, cmd: dict) -> None:
         out["settled_s"] = trio.current_time() - t0
         out["ended"] = kinds(node, peer)
         got: list[dict] = []
-        for attempt in range(1, HANDOFF_ATTEMPTS + 1):  # and a session whose handshake timed out
+        for attempt in range(1, HANDOFF_ATTEMPTS + 1):  # and a session that broke off (lost stream, timeout)
             out["handoff_attempts"] = attempt
             try:
                 ts = await handoff.hand_off(node, lm, str(peer), cmd["prompt"], cmd["tokens"],
                                             got.append)
                 break
-            except (SessionClosed, trio.TooSlowError):
-                if attempt == HANDOFF_ATTEMPTS:
+            except (SessionClosed, trio.TooSlowError, StreamFailure, ProtocolError) as exc:
+                transient = not isinstance(exc, ProtocolError) or exc.code is ErrorCode.TIMEOUT
+                if attempt == HANDOFF_ATTEMPTS or not transient:
                     raise
                 got.clear()
         out["sent"] = [e for e in got if e["event"] == "sent"]
