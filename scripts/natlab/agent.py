@@ -38,6 +38,7 @@ import multiaddr  # noqa: E402
 import numpy as np  # noqa: E402
 import trio  # noqa: E402
 from libp2p.host.exceptions import StreamFailure  # noqa: E402
+from libp2p.network.exceptions import SwarmException  # noqa: E402
 from libp2p.peer.id import ID  # noqa: E402
 from libp2p.peer.peerinfo import PeerInfo  # noqa: E402
 
@@ -90,7 +91,8 @@ async def handoff_trial(node: Node, lm: Any, cmd: dict) -> None:
                 ts = await handoff.hand_off(node, lm, str(peer), cmd["prompt"], cmd["tokens"],
                                             got.append)
                 break
-            except (SessionClosed, trio.TooSlowError, StreamFailure, ProtocolError) as exc:
+            except (SessionClosed, trio.TooSlowError, StreamFailure, SwarmException,
+                    ProtocolError) as exc:
                 transient = not isinstance(exc, ProtocolError) or exc.code is ErrorCode.TIMEOUT
                 if attempt == HANDOFF_ATTEMPTS or not transient:
                     raise
