@@ -176,8 +176,13 @@ class Node:
         self.metrics.dials.labels(result="ok" if ok else "failed").inc()
 
     async def connect(self, addr: str) -> None:
-        """Dial a peer by full multiaddr (with ``/p2p/<id>``)."""
+        """Dial a peer by full multiaddr (with ``/p2p/<id>``). An explicit dial is not refused
+        by py-libp2p's negative cache (a peer whose dial failed is otherwise refused at once for a
+        while, so a caller's retry on a lossy path could never succeed)."""
         info = info_from_p2p_addr(multiaddr.Multiaddr(addr))
+        unblock = getattr(self.host.get_network(), "unblock_peer", None)
+        if unblock is not None:
+            unblock(info.peer_id)
         with trio.fail_after(self.config.host.dial_timeout_s):
             await self.host.connect(info)
 

@@ -1,5 +1,6 @@
 """The host composition: our yamux is the one py-libp2p builds, its reader never blocks on writes,
-a closed inbound connection gives its slot back, and a stopped node closes its listener."""
+a closed inbound connection gives its slot back, a stopped node closes its listener, and an
+explicit dial is not refused after a failed one."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import struct
 import pytest
 import trio
 from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.network.exceptions import SwarmDialAllFailedError
 from libp2p.peer.peerinfo import PeerInfo
 from libp2p.stream_muxer import muxer_multistream
 from libp2p.stream_muxer.yamux.yamux import FLAG_ACK, TYPE_WINDOW_UPDATE, YAMUX_HEADER_FORMAT
@@ -110,3 +112,23 @@ async def test_a_stopped_node_leaves_no_listener_behind(tmp_path):
 async def _dial(port: int) -> None:
     with trio.socket.socket() as sock:
         await sock.connect(("127.0.0.1", port))
+
+
+async def test_an_explicit_dial_is_not_refused_after_a_failed_one(tmp_path):
+    """py-libp2p refuses to dial a peer whose last dial failed, for a while (its negative cache):
+    a caller retrying a peer that has come back must still get through."""
+    with trio.socket.socket() as probe:  # a free port for b, the same across b's restart
+        await probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+
+    def cfg(name: str, listen: str = "/ip4/127.0.0.1/tcp/0"):
+        return load_config(env={}, overrides=[f"node.data_dir={tmp_path / name}", "control.enabled=false",
+                                              "dht.enabled=false", f"host.listen_addrs={listen}"])
+    async with open_node(cfg("a")) as a:
+        async with open_node(cfg("b", f"/ip4/127.0.0.1/tcp/{port}")) as b:
+            addr = str(b.addrs[0])
+        with pytest.raises(SwarmDialAllFailedError):  # b is down
+            await a.connect(addr)
+        async with open_node(cfg("b", f"/ip4/127.0.0.1/tcp/{port}")) as b:  # b is back
+            await a.connect(addr)
+            assert a.host.get_network().get_connections(b.peer_id)

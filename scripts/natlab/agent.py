@@ -74,6 +74,7 @@ async def handoff_trial(node: Node, lm: Any, cmd: dict) -> None:
         for attempt in range(1, CONNECT_ATTEMPTS + 1):  # an application retries a lossy dial
             out["connect_attempts"] = attempt
             try:
+                node.host.get_network().unblock_peer(peer)  # a retry, not refused by the negative cache
                 await node.host.connect(PeerInfo(peer, addrs))
                 break
             except Exception:
