@@ -4,6 +4,7 @@
 //
 //   node peer.mjs --listen /ip4/10.1.0.2/tcp/4002 --relay /ip4/11.0.0.10/tcp/4001/p2p/<id> \
 //                 [--dial <multiaddr>] [--announce <multiaddr>] [--seconds 60] [--force-dcutr-after 2]
+//                 [--reuse-port]   (with LD_PRELOAD=reuseport.so: see reuseport.c)
 
 // Node 20: libp2p 3 (and p-retry/nanoid) expect Promise.withResolvers (Node 22); set it before
 // any libp2p module is loaded, hence the dynamic imports below.
@@ -35,7 +36,10 @@ const { values: opt } = parseArgs({
     seconds: { type: 'string', default: '60' },
     // start DCUtR as B on an inbound relayed connection that identify did not complete on
     // (js-libp2p's dcutr topology only fires after identify lists /libp2p/dcutr)
-    'force-dcutr-after': { type: 'string' }
+    'force-dcutr-after': { type: 'string' },
+    // dial from the listen address and port, as go-libp2p and our node do (a TCP hole punch needs
+    // it); Node.js can bind a connecting socket there only with reuseport.so preloaded
+    'reuse-port': { type: 'boolean', default: false }
   }
 })
 
@@ -51,10 +55,12 @@ const conn = (c) => ({
 })
 
 const listen = [opt.listen]
+const [, , listenHost, , listenPort] = opt.listen.split('/') // /ip4/<host>/tcp/<port>
+const dialOpts = opt['reuse-port'] ? { localAddress: listenHost, localPort: Number(listenPort) } : {}
 if (opt.relay) listen.push(`${opt.relay}/p2p-circuit`) // listening on a relay = reserving a slot
 const node = await createLibp2p({
   addresses: { listen, appendAnnounce: opt.announce },
-  transports: [tcp(), circuitRelayTransport()],
+  transports: [tcp({ dialOpts }), circuitRelayTransport()],
   connectionEncrypters: [noise()],
   streamMuxers: [yamux()],
   connectionGater: { denyDialMultiaddr: () => false }, // the lab's addresses are all fine
