@@ -1,6 +1,6 @@
 """The host composition: our yamux is the one py-libp2p builds, its reader never blocks on writes,
 a closed inbound connection gives its slot back, a stopped node closes its listener, and an
-explicit dial is not refused after a failed one."""
+explicit dial is not refused after a failed one, and an accepted connection closes with a reset."""
 
 from __future__ import annotations
 
@@ -132,3 +132,35 @@ async def test_an_explicit_dial_is_not_refused_after_a_failed_one(tmp_path):
         async with open_node(cfg("b", f"/ip4/127.0.0.1/tcp/{port}")) as b:  # b is back
             await a.connect(addr)
             assert a.host.get_network().get_connections(b.peer_id)
+
+
+_CLOSING_STATES = {"04", "05", "06", "07", "08", "09", "0B"}  # FIN_WAIT1/2, TIME_WAIT, CLOSE, CLOSE_WAIT, LAST_ACK, CLOSING
+
+
+def _closing_sockets(local_port: int) -> list[str]:
+    """Sockets on ``local_port`` (127.0.0.1) in a closing state, from /proc/net/tcp."""
+    out = []
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            local, _remote, state = line.split()[1:4]
+            if int(local.split(":")[1], 16) == local_port and state in _CLOSING_STATES:
+                out.append(line.strip())
+    return out
+
+
+async def test_an_accepted_connection_closes_with_a_reset(tmp_path):
+    """Every connection on our listen port closes with a RST: a graceful close on a lossy path
+    leaves a FIN-WAIT orphan holding (listen port, peer's port) for minutes, and a hole punch with
+    that peer — the same 4-tuple — fails as long as it lives (the NAT matrix's relayed runs).
+    Here a peer connects and never speaks; the node gives up on the upgrade and drops it."""
+    cfg = load_config(env={}, overrides=[f"node.data_dir={tmp_path}", "control.enabled=false",
+                                         "dht.enabled=false", "host.listen_addrs=/ip4/127.0.0.1/tcp/0",
+                                         "host.dial_timeout_s=1"])
+    async with open_node(cfg) as node:
+        port = int(node.host.get_addrs()[0].value_for_protocol("tcp"))
+        with trio.socket.socket() as silent:
+            await silent.connect(("127.0.0.1", port))
+            with trio.fail_after(30), pytest.raises(ConnectionResetError):
+                while await silent.recv(4096):  # (the node's multistream greeting, then the end)
+                    pass
+            assert _closing_sockets(port) == []  # nothing left holding the 4-tuple on its side

@@ -356,6 +356,9 @@ class HolePuncher:
             log.debug("punched socket did not upgrade", extra=kv(peer=peer, err=exc))
             await _close(raw)
             return False
+        except BaseException:  # cancelled mid-handshake (another address won, or we stop):
+            sock_stream.socket.close()  # synchronous, so it cannot be skipped; a reset (linger 0)
+            raise
         if muxed.peer_id != peer:  # someone else answered at that address
             self._refuse("dcutr_wrong_peer", peer, f"{dst} is {muxed.peer_id}")
             await _close(muxed)

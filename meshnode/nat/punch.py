@@ -35,12 +35,21 @@ def reusable(sock: socket.socket | trio.socket.SocketType) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
 
 
-def abort(sock: socket.socket | trio.socket.SocketType) -> None:
-    """Close without TIME_WAIT: the local port is free for the next attempt at once."""
+def reset_on_close(sock: socket.socket | trio.socket.SocketType) -> None:
+    """``SO_LINGER 0``: closing this socket sends a RST and frees its 4-tuple at once (no FIN-WAIT,
+    no TIME_WAIT); whatever it still had unsent is dropped. go-libp2p does this on every TCP
+    connection. It matters for a connection on our listen port: a graceful close on a lossy path
+    leaves an orphan in FIN-WAIT-1 retransmitting its FIN for minutes (8 orphan retries), and
+    while it holds (listen port, peer's listen port) every hole punch with that peer fails."""
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ABORT)
-    except OSError:
+    except OSError:  # already closed: nothing to set
         pass
+
+
+def abort(sock: socket.socket | trio.socket.SocketType) -> None:
+    """Close without TIME_WAIT: the local port is free for the next attempt at once."""
+    reset_on_close(sock)
     sock.close()
 
 
@@ -57,9 +66,9 @@ async def open_from(src: tuple[str, int], dst: tuple[str, int], timeout_s: float
         with trio.fail_after(timeout_s):
             await sock.connect(dst)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        # no TIME_WAIT when this connection closes: the NATs fix its 4-tuple (both listen
-        # ports), so the same two peers punching again within a minute would find it taken
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ABORT)
+        # the NATs fix this 4-tuple (both listen ports): the same two peers punching again soon
+        # must not find it held by this connection's FIN-WAIT or TIME_WAIT
+        reset_on_close(sock)
     except BaseException:
         abort(sock)
         raise
