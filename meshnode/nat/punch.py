@@ -3,8 +3,9 @@
 Why a module of our own: py-libp2p 0.8.1's ``dial_with_source`` closes a failed socket plainly
 (the next connect from that port then fails with EADDRNOTAVAIL, DESIGN.md §9), leaks it when the
 dial is cancelled, and silently falls back to an ephemeral port when the bind fails (a punch that
-cannot work, reported as tried). Here every failure path aborts the socket with ``SO_LINGER(1,0)``,
-and a failed bind is an error.
+cannot work, reported as tried). Here every socket carries ``SO_LINGER(1,0)`` from before its
+connect, so every close of it — ours, or trio's own when a connect is cancelled — is a reset that
+frees the 4-tuple at once; and a failed bind is an error.
 
 * :func:`open_from` — connect from ``src`` (our listen port) to ``dst``: with the peer dialling us
   at the same time this is a TCP simultaneous open through both NATs.
@@ -62,13 +63,16 @@ async def open_from(src: tuple[str, int], dst: tuple[str, int], timeout_s: float
     sock = trio.socket.socket(_family(dst[0]), socket.SOCK_STREAM)
     try:
         reusable(sock)
+        # before connect(): the NATs fix this 4-tuple (both listen ports), so the same two peers
+        # punching again soon must not find it held by a FIN-WAIT or TIME_WAIT. trio closes the
+        # socket itself when connect() is cancelled; half-way through a simultaneous open (their
+        # SYN in, our SYN-ACK unanswered: SYN-RECV) a plain close leaves a FIN-WAIT-1 orphan that
+        # retransmits for minutes (seen at 20 % loss: every punch with that peer failed meanwhile)
+        reset_on_close(sock)
         await sock.bind(src)
         with trio.fail_after(timeout_s):
             await sock.connect(dst)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        # the NATs fix this 4-tuple (both listen ports): the same two peers punching again soon
-        # must not find it held by this connection's FIN-WAIT or TIME_WAIT
-        reset_on_close(sock)
     except BaseException:
         abort(sock)
         raise
@@ -81,6 +85,7 @@ def start_connect(local_ip: str, dst: tuple[str, int]) -> socket.socket:
     ``SO_ERROR``; :func:`abort` it on failure."""
     sock = socket.socket(_family(dst[0]), socket.SOCK_STREAM)
     try:
+        reset_on_close(sock)
         sock.bind((local_ip, 0))
         sock.setblocking(False)
         err = sock.connect_ex(dst)
