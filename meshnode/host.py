@@ -138,10 +138,11 @@ def release_inbound_slots(swarm: Any) -> None:
     the connection as 0.8.1 does, then waits for that connection to close.
 
     Every accepted TCP connection is on our listen port, so it closes with a reset
-    (:func:`~meshnode.nat.punch.reset_on_close`): a peer's hole-punch SYN that reached our
-    listener instead of our punching socket becomes such a connection, and its FIN-WAIT would
-    otherwise block the next punch with that peer for minutes (seen in the NAT matrix at 20 %
-    loss: runs of 5–9 trials that all stayed relayed).
+    (:func:`~meshnode.nat.punch.reset_on_close`, as go-libp2p closes every TCP connection): a
+    peer's hole-punch SYN that reaches our listener instead of our punching socket becomes such a
+    connection, and a FIN-WAIT left by its graceful close on a lossy path would block the next
+    punch with that peer, on the same 4-tuple, for minutes (the punching sockets' own case of
+    this is in ``punch.open_from``).
     """
     from libp2p.abc import IMuxedConn
     from libp2p.network.connection.raw_connection import RawConnection
