@@ -34,9 +34,10 @@ class _Demote(logging.Filter):
         return True
 
 
-def _err(exc: BaseException) -> str:
-    """An exception as a log field: its text, or its type where the text is empty (a timeout's)."""
-    return str(exc) or type(exc).__name__
+def err_text(exc: object, limit: int | None = None) -> str:
+    """An exception (or a reason) as a log field: its text, at most ``limit`` characters, or its
+    type where the text is empty (a timeout's)."""
+    return str(exc)[:limit] or type(exc).__name__
 
 
 class _Formatter(logging.Formatter):
@@ -53,7 +54,7 @@ class _Formatter(logging.Formatter):
             "msg": record.getMessage(),
         }
         for k, v in (getattr(record, "kv", {}) or {}).items():
-            fields[k] = _err(v) if isinstance(v, BaseException) else v
+            fields[k] = err_text(v) if isinstance(v, BaseException) else v
         if record.exc_info:
             fields["exc"] = self.formatException(record.exc_info)
         if self.as_json:

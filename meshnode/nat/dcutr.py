@@ -46,7 +46,7 @@ from libp2p.peer.id import ID
 from meshnode.bus import EventBus
 from meshnode.config import DcutrSection
 from meshnode.host import close_stream, is_relayed
-from meshnode.logs import get_logger, kv
+from meshnode.logs import err_text, get_logger, kv
 from meshnode.nat import dcutr_pb as pb
 from meshnode.nat.notify import OnPeerGone
 from meshnode.nat.observed import Endpoint, PunchAddrs
@@ -129,8 +129,7 @@ class HolePuncher:
 
     def _refuse(self, reason: str, peer: Any, why: Any) -> None:
         self._on_refuse(reason)
-        log.warning("dcutr refused", extra=kv(reason=reason, peer=peer,
-                                              why=(str(why) or type(why).__name__)[:200]))
+        log.warning("dcutr refused", extra=kv(reason=reason, peer=peer, why=err_text(why, 200)))
 
     # -- B: the peer that received the relayed connection -------------------------------------------
     async def _upgrade(self, peer: ID, relay: ID) -> None:
