@@ -2,8 +2,10 @@
 """One lab host's node for ``scripts/natlab/matrix``: a real node with a model, driven over stdin.
 
 Runs inside a lab namespace. The model loads once; the node itself is started and stopped per
-trial (same identity, fresh state: no connection, no punch memory left from the last trial), so
-trials are independent. Commands, one JSON object per stdin line; events, one JSON line on stdout:
+trial (same identity, fresh state: no connection, no punch memory, no CRDT session documents
+left from the last trial), so trials are independent. (With its documents kept, a pair reaches
+``crdt.max_documents_per_peer`` — 64 sessions one created with the other — and the receiver
+refuses the sessions' logs from then on: documents never retire yet.) Commands, one JSON object per stdin line; events, one JSON line on stdout:
 
   {"cmd": "start", "mode": "kv"}     -> {"event": "ready", "peer_id", "addrs"} (relay reservation
                                         held when relay.client = always); mode "kv" applies
@@ -28,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 from typing import Any
 
@@ -151,6 +154,7 @@ async def main(args: argparse.Namespace) -> None:
         async def run_node(mode: str, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
             """The node, and its receiving side until the node stops (cleanly: ``stop``)."""
             nonlocal node
+            shutil.rmtree(cfg.data_dir / "crdt", ignore_errors=True)  # (the docstring says why)
             n = Node(cfg)
             side = trio.CancelScope()
 
