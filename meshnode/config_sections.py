@@ -66,7 +66,9 @@ class ProtocolSection:
     max_metadata_bytes: int = _f(1 * MiB, 256, 64 * MiB, doc="largest msgpack header accepted")
     max_tensors_per_message: int = _f(4096, 1, 1 << 20)
     chunk_bytes: int = _f(4 * MiB, 4 * KiB, 256 * MiB, doc="AEAD chunk size on the wire")
-    handshake_timeout_s: float = _f(10.0, 0.1, 600.0)
+    handshake_timeout_s: float = _f(20.0, 0.1, 600.0, doc="a session's handshake must finish within "
+                                    "this long (two round trips; on a lossy path each can take "
+                                    "seconds of TCP retransmission)")
     idle_timeout_s: float = _f(300.0, 1.0, 86400.0, doc="idle sessions expire")
     ciphers: list[str] = _f(["aegis128l", "aegis256", "xchacha20poly1305"], doc="preference order")
     residual_gain_max: float = _f(4.0, 0.0, 1e6, doc="highest RESIDUAL_PATCH gain negotiated")
@@ -139,8 +141,10 @@ class TransportSection:
     max_lanes_per_session: int = _f(4, 1, 64, doc="incoming data lanes (one thread each) per session")
     lane_preauth_max: int = _f(64, 1, 100000, doc="lane sockets not yet authenticated, at once; the "
                                "oldest is dropped when one more arrives")
-    lane_preauth_timeout_s: float = _f(2.0, 0.05, 600.0, doc="a lane socket must prove the session "
-                                       "key within this long")
+    lane_preauth_timeout_s: float = _f(10.0, 0.05, 600.0, doc="a lane socket must prove the session "
+                                       "key within this long (the dialler counts its lane open "
+                                       "once it has sent the proof: too short a limit on a lossy "
+                                       "path drops lanes their sender then writes into)")
     lane_accept_backoff_s: float = _f(0.1, 0.0, 60.0, doc="pause after a failed accept (e.g. EMFILE) "
                                       "before accepting again")
     close_timeout_s: float = _f(1.0, 0.01, 60.0, doc="how long an ending session may take to deliver "
