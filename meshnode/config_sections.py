@@ -67,8 +67,8 @@ class ProtocolSection:
     max_tensors_per_message: int = _f(4096, 1, 1 << 20)
     chunk_bytes: int = _f(4 * MiB, 4 * KiB, 256 * MiB, doc="AEAD chunk size on the wire")
     handshake_timeout_s: float = _f(20.0, 0.1, 600.0, doc="a session's handshake must finish within "
-                                    "this long (two round trips; on a lossy path each can take "
-                                    "seconds of TCP retransmission)")
+                                    "this long (a few messages each way; on a lossy path each "
+                                    "can take seconds of TCP retransmission)")
     idle_timeout_s: float = _f(300.0, 1.0, 86400.0, doc="idle sessions expire")
     ciphers: list[str] = _f(["aegis128l", "aegis256", "xchacha20poly1305"], doc="preference order")
     residual_gain_max: float = _f(4.0, 0.0, 1e6, doc="highest RESIDUAL_PATCH gain negotiated")

@@ -280,8 +280,8 @@ def swarm_conn(host: IHost, peer: Any, muxed: Any) -> Any | None:
 async def ping_over(host: IHost, conn: Any, timeout_s: float) -> bool:
     """One ``/ipfs/ping/1.0.0`` round trip on this very connection (``host.new_stream`` would pick
     a connection itself): proof that both ends hold it. A hole-punched connection can be held by
-    one side only — on a lossy path one side's upgrade completes while the other's times out and
-    resets it — and a side that took such a connection for direct would move its sessions onto
+    one side only — on a lossy path one side's upgrade can complete while the other's times out
+    and resets it — and a side that took such a connection for direct would move its sessions onto
     a dead one and close the relay."""
     stream = None
     ok = False
