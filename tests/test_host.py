@@ -1,7 +1,6 @@
 """The host composition: our yamux is the one py-libp2p builds, its reader never blocks on writes,
 a closed inbound connection gives its slot back, a stopped node closes its listener, and an
-explicit dial is not refused after a failed one, an accepted connection closes with a reset, and
-a ping proves a connection both ends hold."""
+explicit dial is not refused after a failed one, and an accepted connection closes with a reset."""
 
 from __future__ import annotations
 
@@ -165,19 +164,3 @@ async def test_an_accepted_connection_closes_with_a_reset(tmp_path):
                 while await silent.recv(4096):  # (the node's multistream greeting, then the end)
                     pass
             assert _closing_sockets(port) == []  # nothing left holding the 4-tuple on its side
-
-
-async def test_ping_over_proves_a_connection_both_ends_hold(tmp_path):
-    """A hole punch counts a connection as direct only after a ping over that very connection:
-    true while both ends hold it, false once the peer has dropped it."""
-    from meshnode.host import ping_over
-
-    def cfg(name: str):
-        return load_config(env={}, overrides=[f"node.data_dir={tmp_path / name}", "control.enabled=false",
-                                              "dht.enabled=false", "host.listen_addrs=/ip4/127.0.0.1/tcp/0"])
-    async with open_node(cfg("a")) as a, open_node(cfg("b")) as b:
-        await b.connect(str(a.addrs[0]))
-        conn = a.host.get_network().get_connections(b.peer_id)[0]
-        assert await ping_over(a.host, conn, 5.0)
-        await b.host.get_network().close_peer(a.peer_id)
-        assert not await ping_over(a.host, conn, 5.0)
