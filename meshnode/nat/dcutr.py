@@ -16,9 +16,7 @@ drives the upgrade —
 
 Roles on the merged socket, which both sides ``connect()``ed: A is the security initiator, B the
 responder (rust-libp2p and go-libp2p do this; py-libp2p's ``dial_addr_as_responder`` assumes it).
-Deciding by "who dialled" would make both initiators and the handshake fail. Each side then pings
-over that connection before it counts as direct (``host.ping_over``): one side's upgrade can
-complete while the other's gives up.
+Deciding by "who dialled" would make both initiators and the handshake fail.
 
 A direct connection is preferred for new streams (py-libp2p's "best" connection choice); the
 relayed one is closed ``dcutr.relay_grace_s`` later. Each peer's path is an explicit state
@@ -317,7 +315,7 @@ class HolePuncher:
     async def _dial_any(self, peer: ID, targets: list[Endpoint], *, punch: bool,
                         initiator: bool = True) -> bool:
         """Dial every target at once (from our listen port when punching); the first connection
-        that upgrades to ``peer`` and answers a ping over itself wins, the rest are cancelled."""
+        that upgrades to ``peer`` wins, the rest are cancelled."""
         won = False
         async with trio.open_nursery() as n:
             async def one(dst: Endpoint) -> None:
