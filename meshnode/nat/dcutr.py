@@ -45,7 +45,7 @@ from libp2p.peer.id import ID
 
 from meshnode.bus import EventBus
 from meshnode.config import DcutrSection
-from meshnode.host import close_stream, is_relayed, ping_over, swarm_conn
+from meshnode.host import close_stream, is_relayed
 from meshnode.logs import err_text, get_logger, kv
 from meshnode.nat import dcutr_pb as pb
 from meshnode.nat.notify import OnPeerGone
@@ -348,14 +348,9 @@ class HolePuncher:
         try:
             with trio.fail_after(timeout + self.s.exchange_timeout_s):
                 if initiator:
-                    conn = await self.host.upgrade_outbound_connection(raw, peer)
-                else:
-                    muxed = await self.host.upgrade_inbound_connection(raw, maddr)
-                    if muxed.peer_id != peer:  # someone else answered at that address
-                        self._refuse("dcutr_wrong_peer", peer, f"{dst} is {muxed.peer_id}")
-                        await _close(muxed)
-                        return False
-                    conn = swarm_conn(self.host, peer, muxed)
+                    await self.host.upgrade_outbound_connection(raw, peer)
+                    return True
+                muxed = await self.host.upgrade_inbound_connection(raw, maddr)
         except Exception as exc:  # the handshake failed: this attempt did not make it
             log.debug("punched socket did not upgrade", extra=kv(peer=peer, err=exc))
             await _close(raw)
@@ -363,10 +358,9 @@ class HolePuncher:
         except BaseException:  # cancelled mid-handshake (another address won, or we stop):
             sock_stream.socket.close()  # synchronous, so it cannot be skipped; a reset (linger 0)
             raise
-        # both ends must hold it: one side's upgrade can finish as the other's times out
-        if conn is None or not await ping_over(self.host, conn, self.s.exchange_timeout_s):
-            log.info("punched connection answered no ping; closed", extra=kv(peer=peer))
-            await _close(conn if conn is not None else raw)
+        if muxed.peer_id != peer:  # someone else answered at that address
+            self._refuse("dcutr_wrong_peer", peer, f"{dst} is {muxed.peer_id}")
+            await _close(muxed)
             return False
         return True
 
