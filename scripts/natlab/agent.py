@@ -5,7 +5,8 @@ Runs inside a lab namespace. The model loads once; the node itself is started an
 trial (same identity, fresh state: no connection, no punch memory, no CRDT session documents
 left from the last trial), so trials are independent. (With its documents kept, a pair reaches
 ``crdt.max_documents_per_peer`` — 64 sessions one created with the other — and the receiver
-refuses the sessions' logs from then on: documents never retire yet.) Commands, one JSON object per stdin line; events, one JSON line on stdout:
+refuses the sessions' logs from then on: documents never retire yet.)
+Commands, one JSON object per stdin line; events, one JSON line on stdout:
 
   {"cmd": "start", "mode": "kv"}     -> {"event": "ready", "peer_id", "addrs"} (relay reservation
                                         held when relay.client = always); mode "kv" applies
