@@ -148,14 +148,14 @@ def release_inbound_slots(swarm: Any) -> None:
     from libp2p.network.connection.raw_connection import RawConnection
 
     async def handle(read_write_closer: Any, maddr: Any, failure_event: Any) -> None:
+        sock = getattr(getattr(read_write_closer, "stream", None), "socket", None)
+        if sock is not None:  # TCP (QUIC has no socket of its own here)
+            reset_on_close(sock)
         remote = swarm._build_remote_multiaddr(read_write_closer)
         if remote is not None and not await swarm.connection_gate.is_allowed(remote):
             await _close_quietly(read_write_closer)
             return
         conn: Any = read_write_closer
-        sock = getattr(getattr(read_write_closer, "stream", None), "socket", None)
-        if sock is not None:  # TCP (QUIC has no socket of its own here)
-            reset_on_close(sock)
         try:
             if isinstance(read_write_closer, IMuxedConn):  # QUIC: multiplexed already
                 muxed = read_write_closer

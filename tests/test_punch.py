@@ -24,14 +24,13 @@ SCRIPT = f"""
 import json, socket, subprocess, sys, trio
 sys.path.insert(0, {str(ROOT)!r})
 from meshnode.nat.punch import open_from
+from tests.helpers.tcpstate import states_on
 
 subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
 subprocess.run(["iptables", "-w", "-A", "OUTPUT", "-p", "tcp", "--sport", "{PA}", "-j", "DROP"], check=True)
 
 def states():
-    with open("/proc/net/tcp") as f:
-        rows = [ln.split() for ln in f.readlines()[1:]]
-    return [r[3] for r in rows if int(r[1].split(":")[1], 16) == {PA}]
+    return states_on({PA})
 
 async def main():
     peer = socket.socket()
