@@ -184,6 +184,9 @@ def _cross_checks(cfg: Config, origin: Mapping[str, str]) -> None:
     if cfg.host.bootstrap_backoff_max_s < cfg.host.bootstrap_backoff_s:
         raise ConfigError("host.bootstrap_backoff_max_s", origin.get("host.bootstrap_backoff_max_s", "default"),
                           "must be >= host.bootstrap_backoff_s")
+    if 0 < cfg.host.tcp_rto_max_ms < 1000:
+        raise ConfigError("host.tcp_rto_max_ms", origin.get("host.tcp_rto_max_ms", "default"),
+                          "must be 0 (the kernel's default) or at least 1000 (the kernel's floor)")
     if cfg.dht.refresh_interval_s >= cfg.dht.record_ttl_s:
         raise ConfigError("dht.refresh_interval_s", origin.get("dht.refresh_interval_s", "default"),
                           f"must be shorter than dht.record_ttl_s ({cfg.dht.record_ttl_s}) or records "

@@ -45,7 +45,11 @@ class HostSection:
     bootstrap_backoff_max_s: float = _f(5.0, 0.0, 600.0)
     dial_timeout_s: float = _f(10.0, 0.1, 300.0)
     max_connections: int = _f(256, 1, 100000)
-    max_connections_per_peer: int = _f(1, 1, 64, doc="1 avoids py-libp2p's 250 ms connect stall")
+    max_connections_per_peer: int = _f(1, 1, 64, doc="1 avoids py-libp2p's 250 ms connect stall "
+                                       "(a relayed connection next to a direct one is not counted)")
+    tcp_rto_max_ms: int = _f(2000, 0, 120000, doc="largest TCP retransmission timeout on our "
+                             "connections and data lanes, 1000-120000 ms (Linux 6.15+; 0 = the "
+                             "kernel's 120 s): bounds the stalls a lossy path causes")
     peer_exchange_interval_s: float = _f(1.0, 0.05, 3600.0, doc="how often to learn/dial peers of peers")
     max_peer_exchange: int = _f(64, 0, 10000, doc="max peers returned per exchange")
     pex_dials_per_round: int = _f(8, 0, 10000, doc="most peer-exchange dials started per round")

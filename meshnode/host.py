@@ -28,6 +28,7 @@ from discovery.streamio import is_relayed  # noqa: F401 - re-exported: the node'
 from meshnode.config import HostSection
 from meshnode.logs import get_logger, kv
 from meshnode.nat.punch import reset_on_close
+from meshnode.tcp_rto import cap_upgrades
 
 log = get_logger("meshnode.host")
 
@@ -116,8 +117,39 @@ def build_host(cfg: HostSection, key_pair: KeyPair) -> IHost:
         enable_quic=cfg.enable_quic,
         connection_config=connection_config(cfg),
     )
-    release_inbound_slots(host.get_network())
+    swarm = host.get_network()
+    release_inbound_slots(swarm)
+    spare_relayed_connections(swarm)
+    cap_upgrades(swarm, cfg.tcp_rto_max_ms)
     return host
+
+
+def spare_relayed_connections(swarm: Any) -> None:
+    """Keep py-libp2p from closing a relayed connection the moment a direct one joins it.
+
+    With ``max_connections_per_peer`` = 1 (our default), py-libp2p 0.8.1 trims a peer's
+    connections as soon as a second one is added: a DCUtR-punched connection made the swarm close
+    the relayed one at once, on *our* side only, while the peer was still finishing its side of
+    the punched connection (seconds on a lossy path) — it was left with no connection to us, and
+    its next stream dialled our private address and failed (seen at 20 % loss). The relayed
+    connection belongs to DCUtR, which closes it ``dcutr.relay_grace_s`` after the upgrade; here
+    relayed connections are neither counted against the limit nor trimmed.
+    """
+    trim = swarm._trim_connections
+
+    def trim_direct_only(peer_id: Any) -> None:
+        conns = swarm.connections.get(peer_id)
+        if not conns or not any(is_relayed(c) for c in conns):
+            trim(peer_id)
+            return
+        swarm.connections[peer_id] = [c for c in conns if not is_relayed(c)]
+        try:  # (synchronous: the closes it decides on are scheduled, not awaited)
+            trim(peer_id)
+        finally:  # it keeps the survivors in that list: put the relayed ones back beside them
+            kept = {id(c) for c in swarm.connections.get(peer_id, [])}
+            swarm.connections[peer_id] = [c for c in conns if is_relayed(c) or id(c) in kept]
+
+    swarm._trim_connections = trim_direct_only
 
 
 async def _close_quietly(conn: Any) -> None:

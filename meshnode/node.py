@@ -18,7 +18,7 @@ from typing import Any
 import multiaddr
 import trio
 from libp2p.peer.id import ID
-from libp2p.peer.peerinfo import info_from_p2p_addr
+from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 
 from crdt_state import CrdtLimits, CrdtService, UpdateStore
 from discovery.dht import Discovery, DiscoverySettings, Provider
@@ -94,7 +94,8 @@ class Node:
         self.limits = Limits.from_config(config)
         self.tensors = TensorService(self.host, self.key_pair, self.limits, config.transport,
                                      bus=self.bus, listen_ips=listen_ips(config.host),
-                                     on_refuse=self.metrics.refuser("tensor"))
+                                     on_refuse=self.metrics.refuser("tensor"),
+                                     tcp_rto_max_ms=config.host.tcp_rto_max_ms)
         self.tensors.circuit_limit = self.relay_client.circuit_limits.get  # type: ignore[method-assign]
         crdt_limits = CrdtLimits.from_config(config.crdt)
         self.crdt_store = UpdateStore(config.data_dir / "crdt", crdt_limits)
@@ -260,6 +261,10 @@ class Node:
         conns = self.host.get_network().get_connections(pid)
         if conns and all(is_relayed(c) for c in conns):  # a punch may be on its way: wait for it
             await self.holepunch.settled(pid)
+        if not self.host.get_network().get_connections(pid):
+            # dial first, relay-aware (each dial bounded by its own timeout): the stream's own
+            # dial would try the peer's direct addresses only, never its circuit addresses
+            await self.host.connect(PeerInfo(pid, self.host.get_peerstore().addrs(pid)))
         return await self.tensors.open(pid)
 
     async def accept_session(self, timeout_s: float | None = None) -> TensorSession:

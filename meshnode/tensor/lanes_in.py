@@ -35,6 +35,7 @@ from meshnode.config import TransportSection
 from meshnode.host import local_address, remote_address
 from meshnode.logs import get_logger, kv
 from meshnode.nat.punch import open_from, reusable
+from meshnode.tcp_rto import cap_rto
 from meshnode.tensor.lanes_out import LANE_THREADS, behind_nat
 from tensor_rpc import UsageError
 from tensor_rpc.lanectl import LaneOffer
@@ -75,8 +76,9 @@ def bind_hosts(listen_ips: list[str], configured: str) -> list[str]:
 
 class LaneServer:
     def __init__(self, settings: TransportSection, listen_ips: list[str], lookup: Lookup,
-                 on_refuse: Callable[[str], None]) -> None:
+                 on_refuse: Callable[[str], None], tcp_rto_max_ms: int = 0) -> None:
         self.settings = settings
+        self.tcp_rto_max_ms = tcp_rto_max_ms
         self.listen_ips = listen_ips
         self._lookup = lookup
         self._refuse = on_refuse
@@ -222,6 +224,7 @@ class LaneServer:
         try:
             sock.setblocking(True)
             tune(sock, self.settings.lane_socket_buffer_bytes)
+            cap_rto(sock, self.tcp_rto_max_ms)
             rx = LaneReceiver(sock, kind, ts.agreement.chunk_bytes + ts.session.tag_bytes)
             if kind == KIND_SHM:
                 sock.settimeout(self.settings.lane_preauth_timeout_s)

@@ -19,6 +19,7 @@ import trio
 from meshnode.config import TransportSection
 from meshnode.logs import get_logger, kv
 from meshnode.nat.punch import abort, start_connect
+from meshnode.tcp_rto import cap_rto
 from tensor_rpc import ProtocolError, Session, UsageError
 from tensor_rpc.lanectl import LaneOffer
 from tensor_rpc.transport import KIND_BULK, KIND_SHM, LaneSender, lane_key, tune
@@ -107,8 +108,10 @@ class LaneClient:
     def __init__(self, settings: TransportSection, session: Session,
                  remote_ip: Callable[[], str | None],
                  local_end: Callable[[], tuple[str, int] | None] = lambda: None,
-                 ask_knock: Callable[[int], None] = lambda port: None) -> None:
+                 ask_knock: Callable[[int], None] = lambda port: None,
+                 tcp_rto_max_ms: int = 0) -> None:
         self.settings = settings
+        self.tcp_rto_max_ms = tcp_rto_max_ms
         self.session = session
         self._remote_ip = remote_ip
         self._local_end = local_end
@@ -186,6 +189,7 @@ class LaneClient:
             log.info("data lane unavailable; trying the next path",
                      extra=kv(peer=self.session.remote_peer_id, path=path, err=exc or "timeout"))
             return None
+        cap_rto(lane.sock, self.tcp_rto_max_ms)
         self._lanes[path] = lane
         log.info("data lane open", extra=kv(peer=self.session.remote_peer_id, path=path))
         return lane

@@ -58,7 +58,8 @@ class Sender:
         self.lock = trio.Lock()
         self.waiters: dict[int, _Waiter] = {}
         self.lanes = LaneClient(ts._settings, ts.session, ts._remote_ip,
-                                lambda: local_address(ts.stream), self._ask_knock)
+                                lambda: local_address(ts.stream), self._ask_knock,
+                                ts._service.tcp_rto_max_ms)
 
     def offered(self, offer: Any) -> None:
         """The peer's LANES: where our lanes go; if it asks (``knock``), dial its lane back

@@ -56,7 +56,7 @@ class TensorService:
 
     def __init__(self, host: IHost, key_pair: KeyPair, limits: Limits, transport: TransportSection,
                  *, bus: EventBus, listen_ips: list[str] | None = None,
-                 on_refuse: Callable[[str], None] | None = None) -> None:
+                 on_refuse: Callable[[str], None] | None = None, tcp_rto_max_ms: int = 0) -> None:
         self.host, self.key_pair, self.limits, self.transport = host, key_pair, limits, transport
         self.bus = bus
         self.policy = AccessPolicy(limits)
@@ -75,7 +75,8 @@ class TensorService:
         self._ready_event = trio.Event()
         self._ended_unaccepted: set[TensorSession] = set()  # ended, verified messages queued
         self._nursery: trio.Nursery | None = None
-        self.lanes = LaneServer(transport, listen_ips or [], self._lookup, self.refuse)
+        self.tcp_rto_max_ms = tcp_rto_max_ms  # (host.tcp_rto_max_ms) for the bulk lanes' sockets
+        self.lanes = LaneServer(transport, listen_ips or [], self._lookup, self.refuse, tcp_rto_max_ms)
 
     # -- capability ----------------------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
