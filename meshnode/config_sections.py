@@ -240,7 +240,11 @@ class DcutrSection:
     settle_timeout_s: float = _f(20.0, 0.0, 600.0, doc="a tensor session to a peer being punched "
                                  "waits this long for a direct path before using the relay")
     relay_grace_s: float = _f(5.0, 0.0, 3600.0, doc="the relayed connection is closed this long "
-                              "after a direct one exists")
+                              "after a direct one exists (once a ping over it proves the peer "
+                              "holds it too)")
+    relay_close_pings: int = _f(3, 1, 100, doc="pings over the direct connection, each within "
+                                "exchange_timeout_s, before the relayed one is closed; none "
+                                "answered: the relayed connection stays")
     max_concurrent: int = _f(8, 1, 4096, doc="upgrades running at once (either role); more are "
                              "refused")
     max_dial_addrs: int = _f(4, 1, 16, doc="addresses we dial from one CONNECT")

@@ -17,7 +17,11 @@ from libp2p import new_host
 from libp2p.abc import IHost
 from libp2p.crypto.keys import KeyPair
 from libp2p.crypto.x25519 import create_new_key_pair as create_new_x25519_key_pair
+from libp2p.host.ping import ID as PING_PROTOCOL
+from libp2p.host.ping import perform_ping_roundtrip
 from libp2p.network.config import ConnectionConfig
+from libp2p.protocol_muxer.multiselect_client import MultiselectClient
+from libp2p.protocol_muxer.multiselect_communicator import MultiselectCommunicator
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer import muxer_multistream
@@ -298,3 +302,23 @@ def local_address(stream: Any) -> tuple[str, int] | None:
     except OSError:
         return None
     return (addr[0], addr[1]) if isinstance(addr, tuple) else None
+
+
+async def ping_over(host: IHost, conn: Any, timeout_s: float) -> bool:
+    """One ``/ipfs/ping/1.0.0`` round trip on this very connection (``host.new_stream`` would pick
+    a connection itself): proof that the peer holds it too."""
+    stream = None
+    ok = False
+    try:
+        with trio.fail_after(timeout_s):
+            stream = await conn.new_stream()
+            proto = await MultiselectClient().select_one_of(
+                [PING_PROTOCOL], MultiselectCommunicator(stream), max(1, int(timeout_s)))
+            stream.set_protocol(proto)
+            await perform_ping_roundtrip(stream)
+        ok = True
+    except Exception as exc:  # boundary: any failure means no proof
+        log.debug("no ping over the connection", extra=kv(err=exc))
+    if stream is not None:
+        await close_stream(stream, ok, 1.0)
+    return ok

@@ -188,3 +188,21 @@ async def test_against_a_peer_that_answers_one_round_per_stream_each_round_gets_
         out = await until(b_done, 30, "b's upgrade outcome")
         assert (out["path"], out["attempts"]) == (RELAY_ONLY, 3)
         assert len(rounds) == 3
+
+
+async def test_the_relay_stays_while_the_direct_connection_answers_no_ping(tmp_path):
+    """A side's upgrade of a punched connection can finish while the peer's has not (or failed):
+    the relayed connection is closed only once a ping over the direct one comes back."""
+    async with AsyncExitStack() as stack:
+        r, a, b, circuit = await _relayed_pair(
+            tmp_path, stack, "dcutr.relay_close_pings=2", "dcutr.exchange_timeout_s=0.5")
+        for n in (a, b):  # neither answers a ping (either side's close would end the circuit)
+            n.host.remove_stream_handler("/ipfs/ping/1.0.0")
+        await a.connect(circuit)
+
+        async def b_done():
+            return b.holepunch.paths.outcomes.get(str(a.peer_id))
+        assert (await until(b_done, 10, "b's upgrade outcome"))["path"] == DIRECT
+        await trio.sleep(0.5 + 2 * 0.5 + 0.5)  # the grace, both pings' timeouts, a margin
+        conns = b.host.get_network().get_connections(a.peer_id)
+        assert any(is_relayed(c) for c in conns) and any(not is_relayed(c) for c in conns)

@@ -19,7 +19,7 @@ responder (rust-libp2p and go-libp2p do this; py-libp2p's ``dial_addr_as_respond
 Deciding by "who dialled" would make both initiators and the handshake fail.
 
 A direct connection is preferred for new streams (py-libp2p's "best" connection choice); the
-relayed one is closed ``dcutr.relay_grace_s`` later. Each peer's path is an explicit state
+relayed one is closed ``dcutr.relay_grace_s`` later, once a ping over the direct one answers. Each peer's path is an explicit state
 (:data:`PENDING` → :data:`PUNCHING` → :data:`DIRECT` | :data:`RELAY_ONLY`) published as
 :class:`PathChanged`; :meth:`HolePuncher.settled` lets a tensor session wait for a punch in
 progress instead of moving a KV cache over the relay.
@@ -45,7 +45,7 @@ from libp2p.peer.id import ID
 
 from meshnode.bus import EventBus
 from meshnode.config import DcutrSection
-from meshnode.host import close_stream, is_relayed
+from meshnode.host import close_stream, is_relayed, ping_over
 from meshnode.logs import err_text, get_logger, kv
 from meshnode.nat import dcutr_pb as pb
 from meshnode.nat.notify import OnPeerGone
@@ -299,9 +299,20 @@ class HolePuncher:
 
     async def _close_relayed(self, peer: ID) -> None:
         """The spec: migrate to the direct connection, close the relayed one after a grace period
-        (streams already on it get that long to finish)."""
+        (streams already on it get that long to finish) — once a ping over the direct connection
+        shows the peer holds it too. On a lossy path one side's upgrade of the punched connection
+        can finish seconds before the other's (or the other's can fail): closing the relay on the
+        first side's word alone left the peer with no connection to us."""
         await trio.sleep(self.s.relay_grace_s)
-        if not self._has_direct(peer):
+        for _ in range(self.s.relay_close_pings):
+            direct = [c for c in self.host.get_network().get_connections(peer) if not is_relayed(c)]
+            if not direct:
+                return
+            if await ping_over(self.host, direct[0], self.s.exchange_timeout_s):
+                break
+        else:
+            log.info("the direct connection answered no ping; keeping the relayed one",
+                     extra=kv(peer=peer, tries=self.s.relay_close_pings))
             return
         for conn in list(self.host.get_network().get_connections(peer)):
             if is_relayed(conn):
