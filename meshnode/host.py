@@ -304,17 +304,28 @@ def local_address(stream: Any) -> tuple[str, int] | None:
     return (addr[0], addr[1]) if isinstance(addr, tuple) else None
 
 
-async def ping_over(host: IHost, conn: Any, timeout_s: float) -> bool:
-    """One ``/ipfs/ping/1.0.0`` round trip on this very connection (``host.new_stream`` would pick
-    a connection itself): proof that the peer holds it too."""
+async def open_stream_on(conn: Any, protocol: str, timeout_s: float) -> Any:
+    """A stream for ``protocol`` on this very connection (``host.new_stream`` picks a connection
+    itself). Raises what the negotiation raises; the stream is reset then."""
+    stream = await conn.new_stream()
+    try:
+        proto = await MultiselectClient().select_one_of(
+            [protocol], MultiselectCommunicator(stream), max(1, int(timeout_s)))
+        stream.set_protocol(proto)
+    except BaseException:
+        with trio.CancelScope(shield=True):
+            await close_stream(stream, False, 0)
+        raise
+    return stream
+
+
+async def ping_over(conn: Any, timeout_s: float) -> bool:
+    """One ``/ipfs/ping/1.0.0`` round trip on this very connection: proof the peer holds it too."""
     stream = None
     ok = False
     try:
         with trio.fail_after(timeout_s):
-            stream = await conn.new_stream()
-            proto = await MultiselectClient().select_one_of(
-                [PING_PROTOCOL], MultiselectCommunicator(stream), max(1, int(timeout_s)))
-            stream.set_protocol(proto)
+            stream = await open_stream_on(conn, PING_PROTOCOL, timeout_s)
             await perform_ping_roundtrip(stream)
         ok = True
     except Exception as exc:  # boundary: any failure means no proof

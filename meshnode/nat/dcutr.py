@@ -19,7 +19,8 @@ responder (rust-libp2p and go-libp2p do this; py-libp2p's ``dial_addr_as_respond
 Deciding by "who dialled" would make both initiators and the handshake fail.
 
 A direct connection is preferred for new streams (py-libp2p's "best" connection choice); the
-relayed one is closed ``dcutr.relay_grace_s`` later, once a ping over the direct one answers. Each peer's path is an explicit state
+relayed one is closed ``dcutr.relay_grace_s`` later, once a ping over the direct one answers.
+Each peer's path is an explicit state
 (:data:`PENDING` → :data:`PUNCHING` → :data:`DIRECT` | :data:`RELAY_ONLY`) published as
 :class:`PathChanged`; :meth:`HolePuncher.settled` lets a tensor session wait for a punch in
 progress instead of moving a KV cache over the relay.
@@ -308,7 +309,7 @@ class HolePuncher:
             direct = [c for c in self.host.get_network().get_connections(peer) if not is_relayed(c)]
             if not direct:
                 return
-            if await ping_over(self.host, direct[0], self.s.exchange_timeout_s):
+            if await ping_over(direct[0], self.s.exchange_timeout_s):
                 break
         else:
             log.info("the direct connection answered no ping; keeping the relayed one",

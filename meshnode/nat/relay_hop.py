@@ -23,12 +23,10 @@ import trio
 from libp2p.abc import IHost
 from libp2p.network.stream.exceptions import StreamEOF
 from libp2p.peer.id import ID
-from libp2p.protocol_muxer.multiselect_client import MultiselectClient
-from libp2p.protocol_muxer.multiselect_communicator import MultiselectCommunicator
 
 from meshnode.bus import EventBus
 from meshnode.config import RelaySection
-from meshnode.host import close_stream, grow_yamux_window
+from meshnode.host import close_stream, grow_yamux_window, open_stream_on
 from meshnode.logs import get_logger, kv
 from meshnode.nat import relay_pb as pb
 from meshnode.nat.notify import OnPeerGone
@@ -207,16 +205,7 @@ class RelayHop:
                      if getattr(c, "muxed_conn", None) is muxed), None)
         if conn is None:
             return await self.host.new_stream(dst, [pb.STOP_PROTOCOL])
-        stream = await conn.new_stream()
-        try:
-            proto = await MultiselectClient().select_one_of(
-                [pb.STOP_PROTOCOL], MultiselectCommunicator(stream), int(self.s.connect_timeout_s))
-            stream.set_protocol(proto)
-        except BaseException:
-            with trio.CancelScope(shield=True):
-                await close_stream(stream, False, 0)
-            raise
-        return stream
+        return await open_stream_on(conn, pb.STOP_PROTOCOL, self.s.connect_timeout_s)
 
     async def _splice(self, a: Any, b: Any, circuit: Circuit) -> None:
         """Copy both directions until either side ends or a limit is reached; then reset both."""
