@@ -4,11 +4,11 @@ Why: TCP doubles its retransmission timeout after each lost retransmission (0.2 
 ... up to 120 s on Linux). A libp2p session is a chain of small exchanges (Noise, multistream,
 yamux, identify, DCUtR, the tensor handshake), each waiting out whatever backoff its segments
 hit, so on a lossy path one unlucky exchange stalls for tens of seconds and a session's timeout
-fires on a connection that is fine. Measured in the NAT lab, 20 % loss on each WAN link (36 % per
-direction), 64-byte request/response over one TCP connection
-(``scripts/natlab/lab exec``, DESIGN.md §9): Linux defaults, mean 2.5 s, p99 27 s; a 2 s cap,
-mean 0.74 s, p99 6.3 s, max 8 s. Only the time between retransmissions changes: congestion
-control (how much is in flight) is the kernel's as before.
+fires on a connection that is fine. ``scripts/natlab/rto_bench`` measures it: 64-byte round trips
+over one TCP connection per cap, 20 % loss at each end of the lab path (36 % each way), 480 s:
+the kernel's default managed 87 round trips (mean 5.5 s, p99 75 s, one of 119 s); capped at 2 s,
+397 (mean 1.2 s, max 8.7 s); at 1 s, all 400 (mean 0.73 s, max 6.8 s). Only the time between
+retransmissions changes: congestion control (how much is in flight) is the kernel's as before.
 
 ``TCP_RTO_MAX_MS`` exists from Linux 6.15; on an older kernel (or another OS) the setting does
 nothing and is reported once. ``0`` leaves the kernel's default.
