@@ -261,10 +261,11 @@ class Node:
         conns = self.host.get_network().get_connections(pid)
         if conns and all(is_relayed(c) for c in conns):  # a punch may be on its way: wait for it
             await self.holepunch.settled(pid)
-        if not self.host.get_network().get_connections(pid):
+        store = self.host.get_peerstore()
+        if not self.host.get_network().get_connections(pid) and pid in store.peer_ids():
             # dial first, relay-aware (each dial bounded by its own timeout): the stream's own
             # dial would try the peer's direct addresses only, never its circuit addresses
-            await self.host.connect(PeerInfo(pid, self.host.get_peerstore().addrs(pid)))
+            await self.host.connect(PeerInfo(pid, store.addrs(pid)))
         return await self.tensors.open(pid)
 
     async def accept_session(self, timeout_s: float | None = None) -> TensorSession:

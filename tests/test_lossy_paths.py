@@ -12,7 +12,7 @@ import pytest
 import trio
 
 from meshnode.config import ConfigError, HostSection, load_config
-from meshnode.host import build_host, is_relayed
+from meshnode.host import build_host, close_listeners, is_relayed
 from meshnode.node import open_node
 from meshnode.tcp_rto import TCP_RTO_MAX_MS, raw_socket
 from tests.helpers.waits import until
@@ -137,3 +137,34 @@ async def _run_host(host, task_status=trio.TASK_STATUS_IGNORED) -> None:
     async with host.run(listen_addrs=[]):
         task_status.started()
         await trio.sleep_forever()
+
+
+async def test_a_session_to_a_peer_no_longer_connected_is_dialled_through_its_relay(tmp_path):
+    """The stream's own dial would try the peer's direct addresses only: a peer reachable only
+    through a relay, whose connection went (a lossy path, a closed circuit), was unreachable."""
+    from tests.helpers.sigs import fake_signature
+
+    off = "dcutr.enabled=false"
+    async with AsyncExitStack() as stack:
+        r = await stack.enter_async_context(open_node(_cfg(
+            tmp_path, "r", "relay.hop=always", "relay.client=never")))
+        a = await stack.enter_async_context(open_node(_cfg(tmp_path, "a", "relay.client=never", off)))
+        b = await stack.enter_async_context(open_node(_cfg(
+            tmp_path, "b", "relay.client=always", f"relay.relays={r.addrs[0]}", off)))
+        await close_listeners(b.host)  # b's own address takes no connection: only its circuit does
+        circuit = await _reserved(b)
+        a.serve(fake_signature(0))
+        b.serve(fake_signature(0), accept=True)
+        await a.connect(circuit)
+        for conn in list(a.host.get_network().get_connections(b.peer_id)):
+            await conn.close()
+
+        async def gone():
+            return not a.host.get_network().get_connections(b.peer_id)
+        await until(gone, 5, "the relayed connection closed")
+        # a knows b's addresses (as from a DHT lookup): its circuit, and its direct one (closed)
+        known = [circuit.rsplit("/p2p/", 1)[0], str(b.addrs[0]).rsplit("/p2p/", 1)[0]]
+        a.host.get_peerstore().add_addrs(b.peer_id, [multiaddr.Multiaddr(x) for x in known], 3600)
+        ts = await a.open_session(b.peer_id)
+        assert is_relayed(ts.stream)
+        await ts.close("done")
