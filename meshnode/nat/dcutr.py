@@ -302,8 +302,10 @@ class HolePuncher:
         """The spec: migrate to the direct connection, close the relayed one after a grace period
         (streams already on it get that long to finish) — once a ping over the direct connection
         shows the peer holds it too. On a lossy path one side's upgrade of the punched connection
-        can finish seconds before the other's (or the other's can fail): closing the relay on the
-        first side's word alone left the peer with no connection to us."""
+        can finish seconds before the other's, or the other's can fail and its reset get lost:
+        closing the relay on the first side's word alone left the peer with no connection to us.
+        A direct connection that answers none of ``dcutr.relay_close_pings`` pings is dead to us:
+        it is closed instead, and the relay stays (path ``relay_only``)."""
         await trio.sleep(self.s.relay_grace_s)
         for _ in range(self.s.relay_close_pings):
             direct = [c for c in self.host.get_network().get_connections(peer) if not is_relayed(c)]
@@ -312,8 +314,13 @@ class HolePuncher:
             if await ping_over(direct[0], self.s.exchange_timeout_s):
                 break
         else:
-            log.info("the direct connection answered no ping; keeping the relayed one",
+            if not any(is_relayed(c) for c in self.host.get_network().get_connections(peer)):
+                return  # (nothing to fall back to: a dead connection closes by itself)
+            log.info("the direct connection answered no ping; closed, the relay stays",
                      extra=kv(peer=peer, tries=self.s.relay_close_pings))
+            for conn in direct:
+                await _close(conn)
+            self._set(peer, RELAY_ONLY)
             return
         for conn in list(self.host.get_network().get_connections(peer)):
             if is_relayed(conn):
