@@ -305,8 +305,9 @@ class HolePuncher:
         can finish seconds before the other's, or the other's can fail and its reset get lost:
         closing the relay on the first side's word alone left the peer with no connection to us.
         A direct connection that answers none of ``dcutr.relay_close_pings`` pings is dead to us:
-        it is closed instead, and the relay stays (path ``relay_only``)."""
-        await trio.sleep(self.s.relay_grace_s)
+        it is closed instead, and the relay stays (path ``relay_only``). The pings start at once
+        (a dead connection is found as early as can be); the grace still counts from now."""
+        grace_ends = trio.current_time() + self.s.relay_grace_s
         for _ in range(self.s.relay_close_pings):
             direct = [c for c in self.host.get_network().get_connections(peer) if not is_relayed(c)]
             if not direct:
@@ -322,6 +323,7 @@ class HolePuncher:
                 await _close(conn)
             self._set(peer, RELAY_ONLY)
             return
+        await trio.sleep_until(grace_ends)
         for conn in list(self.host.get_network().get_connections(peer)):
             if is_relayed(conn):
                 try:
