@@ -79,7 +79,7 @@ class HolePuncher:
         events = self.bus.subscribe(RelayedConnection)
         if self.s.enabled:
             self.host.set_stream_handler(pb.PROTOCOL, self._on_stream)
-        self.host.get_network().register_notifee(OnPeerGone(self._peer_gone))
+        self.host.get_network().register_notifee(OnPeerGone(self._peer_gone, self._conn_gone))
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             task_status.started(self)
@@ -124,6 +124,11 @@ class HolePuncher:
 
     def _peer_gone(self, peer: ID) -> None:
         self.paths.forget(peer)
+
+    def _conn_gone(self, peer: ID) -> None:
+        """A connection closed, others are left: if the direct one went, the relay is the path."""
+        if self.paths.get(peer) == DIRECT and not self._has_direct(peer):
+            self._set(peer, RELAY_ONLY)
 
     def _has_direct(self, peer: ID) -> bool:
         return any(not is_relayed(c) for c in self.host.get_network().get_connections(peer))
@@ -309,8 +314,9 @@ class HolePuncher:
         (a dead connection is found as early as can be); the grace still counts from now."""
         grace_ends = trio.current_time() + self.s.relay_grace_s
         for _ in range(self.s.relay_close_pings):
-            direct = [c for c in self.host.get_network().get_connections(peer) if not is_relayed(c)]
-            if not direct:
+            conns = self.host.get_network().get_connections(peer)
+            direct = [c for c in conns if not is_relayed(c)]
+            if not direct:  # it went (the peer closed it; _conn_gone updates the path)
                 return
             if await ping_over(direct[0], self.s.exchange_timeout_s):
                 break
