@@ -20,6 +20,7 @@ from libp2p.crypto.x25519 import create_new_key_pair as create_new_x25519_key_pa
 from libp2p.host.ping import ID as PING_PROTOCOL
 from libp2p.host.ping import perform_ping_roundtrip
 from libp2p.network.config import ConnectionConfig
+from libp2p.protocol_muxer.exceptions import MultiselectClientError
 from libp2p.protocol_muxer.multiselect_client import MultiselectClient
 from libp2p.protocol_muxer.multiselect_communicator import MultiselectCommunicator
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
@@ -320,7 +321,8 @@ async def open_stream_on(conn: Any, protocol: str, timeout_s: float) -> Any:
 
 
 async def ping_over(conn: Any, timeout_s: float) -> bool:
-    """One ``/ipfs/ping/1.0.0`` round trip on this very connection: proof the peer holds it too."""
+    """One ``/ipfs/ping/1.0.0`` round trip on this very connection: proof the peer holds it too.
+    A peer that answers "not supported" (ping is optional in libp2p) has answered: proof too."""
     stream = None
     ok = False
     try:
@@ -328,7 +330,11 @@ async def ping_over(conn: Any, timeout_s: float) -> bool:
             stream = await open_stream_on(conn, PING_PROTOCOL, timeout_s)
             await perform_ping_roundtrip(stream)
         ok = True
-    except Exception as exc:  # boundary: any failure means no proof
+    except MultiselectClientError as exc:  # (py-libp2p: no distinct type once all were refused)
+        ok = "not supported" in str(exc)
+        if not ok:
+            log.debug("no ping over the connection", extra=kv(err=exc))
+    except Exception as exc:  # boundary: any other failure means no proof
         log.debug("no ping over the connection", extra=kv(err=exc))
     if stream is not None:
         await close_stream(stream, ok, 1.0)

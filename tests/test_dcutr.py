@@ -197,8 +197,10 @@ async def test_a_direct_connection_that_answers_no_ping_goes_and_the_relay_stays
     async with AsyncExitStack() as stack:
         r, a, b, circuit = await _relayed_pair(
             tmp_path, stack, "dcutr.relay_close_pings=2", "dcutr.exchange_timeout_s=0.5")
+        async def silent(stream) -> None:  # takes the ping stream, never answers
+            await trio.sleep_forever()
         for n in (a, b):  # neither answers a ping (either side's close would end the circuit)
-            n.host.remove_stream_handler("/ipfs/ping/1.0.0")
+            n.host.set_stream_handler("/ipfs/ping/1.0.0", silent)
         await a.connect(circuit)
 
         async def b_punched():
@@ -210,3 +212,18 @@ async def test_a_direct_connection_that_answers_no_ping_goes_and_the_relay_stays
             return conns and all(is_relayed(c) for c in conns) and \
                 b.holepunch.path(a.peer_id) == RELAY_ONLY
         await until(back_to_the_relay, 10, "the silent direct connection closed, the relay kept")
+
+
+async def test_a_peer_without_ping_keeps_its_direct_connection(tmp_path):
+    """Ping is optional in libp2p: a peer that answers "not supported" has answered."""
+    async with AsyncExitStack() as stack:
+        r, a, b, circuit = await _relayed_pair(tmp_path, stack)
+        for n in (a, b):
+            n.host.remove_stream_handler("/ipfs/ping/1.0.0")
+        await a.connect(circuit)
+
+        async def direct_only():
+            conns = b.host.get_network().get_connections(a.peer_id)
+            return conns and not any(is_relayed(c) for c in conns)
+        await until(direct_only, 10, "the relay closed, the direct connection kept")
+        assert b.holepunch.path(a.peer_id) == DIRECT
