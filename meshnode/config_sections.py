@@ -244,7 +244,7 @@ class DcutrSection:
                               "holds it too)")
     relay_close_pings: int = _f(3, 1, 100, doc="pings over the direct connection, each within "
                                 "exchange_timeout_s, before the relayed one is closed; none "
-                                "answered: the direct one is closed and the relay stays")
+                                "answered: the relayed connection stays")
     max_concurrent: int = _f(8, 1, 4096, doc="upgrades running at once (either role); more are "
                              "refused")
     max_dial_addrs: int = _f(4, 1, 16, doc="addresses we dial from one CONNECT")

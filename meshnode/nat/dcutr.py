@@ -309,9 +309,10 @@ class HolePuncher:
         shows the peer holds it too. On a lossy path one side's upgrade of the punched connection
         can finish seconds before the other's, or the other's can fail and its reset get lost:
         closing the relay on the first side's word alone left the peer with no connection to us.
-        A direct connection that answers none of ``dcutr.relay_close_pings`` pings is dead to us:
-        it is closed instead, and the relay stays (path ``relay_only``). The pings start at once
-        (a dead connection is found as early as can be); the grace still counts from now."""
+        If none of ``dcutr.relay_close_pings`` pings answers, both connections stay: the direct
+        one may be dead, or only slow (closing it killed a session running on it, seen at 20 %
+        loss), and the relay is there for the streams that fail on it. The pings start at once;
+        the grace still counts from now."""
         grace_ends = trio.current_time() + self.s.relay_grace_s
         for _ in range(self.s.relay_close_pings):
             conns = self.host.get_network().get_connections(peer)
@@ -321,13 +322,8 @@ class HolePuncher:
             if await ping_over(direct[0], self.s.exchange_timeout_s):
                 break
         else:
-            if not any(is_relayed(c) for c in self.host.get_network().get_connections(peer)):
-                return  # (nothing to fall back to: a dead connection closes by itself)
-            log.info("the direct connection answered no ping; closed, the relay stays",
+            log.info("the direct connection answered no ping; the relayed one stays",
                      extra=kv(peer=peer, tries=self.s.relay_close_pings))
-            for conn in direct:
-                await _close(conn)
-            self._set(peer, RELAY_ONLY)
             return
         await trio.sleep_until(grace_ends)
         for conn in list(self.host.get_network().get_connections(peer)):
