@@ -311,8 +311,8 @@ class HolePuncher:
         closing the relay on the first side's word alone left the peer with no connection to us.
         If none of ``dcutr.relay_close_pings`` pings answers, both connections stay: the direct
         one may be dead, or only slow (closing it killed a session running on it, seen at 20 %
-        loss), and the relay is there for the streams that fail on it. The pings start at once;
-        the grace still counts from now."""
+        loss). New streams still prefer the direct one; none falls back to the relay on its own
+        yet. The pings start at once; the grace still counts from now."""
         grace_ends = trio.current_time() + self.s.relay_grace_s
         for _ in range(self.s.relay_close_pings):
             conns = self.host.get_network().get_connections(peer)
