@@ -80,16 +80,21 @@ async def _reserved(node) -> str:
     return str((await until(ready, 15, "a relay reservation"))[0])
 
 
+async def _relay_and_two(tmp_path, stack, *extra: str):
+    """A relay r, a peer a, and a peer b holding a reservation on r (its circuit address)."""
+    r = await stack.enter_async_context(open_node(_cfg(
+        tmp_path, "r", "relay.hop=always", "relay.client=never")))
+    a = await stack.enter_async_context(open_node(_cfg(tmp_path, "a", "relay.client=never", *extra)))
+    b = await stack.enter_async_context(open_node(_cfg(
+        tmp_path, "b", "relay.client=always", f"relay.relays={r.addrs[0]}", *extra)))
+    return r, a, b
+
+
 async def test_a_direct_connection_joining_a_relayed_one_does_not_close_it(tmp_path):
     """py-libp2p trims a peer's connections beyond ``max_connections_per_peer`` (1) as soon as
     one is added, oldest first once past its 20 s grace: the relayed one went, on one side only."""
-    off = "dcutr.enabled=false"  # the direct connection is made by hand here
-    async with AsyncExitStack() as stack:
-        r = await stack.enter_async_context(open_node(_cfg(
-            tmp_path, "r", "relay.hop=always", "relay.client=never")))
-        a = await stack.enter_async_context(open_node(_cfg(tmp_path, "a", "relay.client=never", off)))
-        b = await stack.enter_async_context(open_node(_cfg(
-            tmp_path, "b", "relay.client=always", f"relay.relays={r.addrs[0]}", off)))
+    async with AsyncExitStack() as stack:  # (the direct connection is made by hand here)
+        r, a, b = await _relay_and_two(tmp_path, stack, "dcutr.enabled=false")
         await a.connect(await _reserved(b))
         (relayed,) = a.host.get_network().get_connections(b.peer_id)
         assert is_relayed(relayed)
@@ -144,13 +149,8 @@ async def test_a_session_to_a_peer_no_longer_connected_is_dialled_through_its_re
     through a relay, whose connection went (a lossy path, a closed circuit), was unreachable."""
     from tests.helpers.sigs import fake_signature
 
-    off = "dcutr.enabled=false"
     async with AsyncExitStack() as stack:
-        r = await stack.enter_async_context(open_node(_cfg(
-            tmp_path, "r", "relay.hop=always", "relay.client=never")))
-        a = await stack.enter_async_context(open_node(_cfg(tmp_path, "a", "relay.client=never", off)))
-        b = await stack.enter_async_context(open_node(_cfg(
-            tmp_path, "b", "relay.client=always", f"relay.relays={r.addrs[0]}", off)))
+        r, a, b = await _relay_and_two(tmp_path, stack, "dcutr.enabled=false")
         await close_listeners(b.host)  # b's own address takes no connection: only its circuit does
         circuit = await _reserved(b)
         a.serve(fake_signature(0))

@@ -315,8 +315,7 @@ class HolePuncher:
         yet. The pings start at once; the grace still counts from now."""
         grace_ends = trio.current_time() + self.s.relay_grace_s
         for _ in range(self.s.relay_close_pings):
-            conns = self.host.get_network().get_connections(peer)
-            direct = [c for c in conns if not is_relayed(c)]
+            direct = [c for c in self.host.get_network().get_connections(peer) if not is_relayed(c)]
             if not direct:  # it went (the peer closed it; _conn_gone updates the path)
                 return
             if await ping_over(direct[0], self.s.exchange_timeout_s):

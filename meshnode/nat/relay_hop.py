@@ -82,6 +82,7 @@ class RelayHop:
         else:
             self.host.remove_stream_handler(pb.HOP_PROTOCOL)
             self.reservations.clear()
+            self._reserved_on.clear()
         log.info("relay hop service", extra=kv(serving=on, mode=self.s.hop))
 
     def peer_gone(self, peer: ID) -> None:
