@@ -20,6 +20,7 @@ from libp2p.crypto.x25519 import create_new_key_pair as create_new_x25519_key_pa
 from libp2p.host.ping import ID as PING_PROTOCOL
 from libp2p.host.ping import perform_ping_roundtrip
 from libp2p.network.config import ConnectionConfig
+from libp2p.peer.id import ID
 from libp2p.protocol_muxer.exceptions import MultiselectClientError
 from libp2p.protocol_muxer.multiselect_client import MultiselectClient
 from libp2p.protocol_muxer.multiselect_communicator import MultiselectCommunicator
@@ -318,6 +319,27 @@ async def open_stream_on(conn: Any, protocol: str, timeout_s: float) -> Any:
             await close_stream(stream, False, 0)
         raise
     return stream
+
+
+async def new_stream_or_relayed(host: IHost, peer: ID, protocol: str, timeout_s: float) -> Any:
+    """A stream to ``peer``, on the relayed connection if the one py-libp2p picks fails.
+
+    py-libp2p prefers a direct connection for every new stream. Over a lossy path a punched
+    connection can be one that only our side completed (the peer's side failed and its reset was
+    lost): every stream opened on it times out in negotiation until TCP gives up on it, minutes
+    later. DCUtR keeps the relayed connection beside such a connection (it answered no ping), so
+    the stream is opened there instead. Raises the first failure if there is no relay to try.
+    """
+    try:
+        return await host.new_stream(peer, [protocol])
+    except Exception as exc:  # boundary: whatever failed, a relayed connection may still carry it
+        conns = host.get_network().get_connections(peer)
+        relayed = [c for c in conns if is_relayed(c) and not c.muxed_conn.is_closed]
+        if not relayed or all(is_relayed(c) for c in conns):
+            raise  # (py-libp2p's own choice was a relayed connection already)
+        log.warning("stream over the relay: the direct connection failed",
+                    extra=kv(peer=peer, protocol=protocol, err=exc))
+        return await open_stream_on(relayed[0], protocol, timeout_s)  # (its failure chains exc)
 
 
 async def ping_over(conn: Any, timeout_s: float) -> bool:

@@ -168,3 +168,30 @@ async def test_a_session_to_a_peer_no_longer_connected_is_dialled_through_its_re
         ts = await a.open_session(b.peer_id)
         assert is_relayed(ts.stream)
         await ts.close("done")
+
+
+async def test_a_session_whose_direct_connection_went_silent_runs_over_the_relay(tmp_path):
+    """A direct connection beside the relayed one (DCUtR keeps both when the direct one answers
+    no ping) that carries nothing any more: py-libp2p still picks it for every new stream."""
+    from tests.helpers.sigs import fake_signature
+    from tests.helpers.silent_pipe import SilentPipe
+
+    async with AsyncExitStack() as stack:
+        r, a, b = await _relay_and_two(tmp_path, stack, "dcutr.enabled=false")
+        a.serve(fake_signature(0))
+        b.serve(fake_signature(0), accept=True)
+        await a.connect(await _reserved(b))
+        pipe = SilentPipe(int(str(b.addrs[0]).split("/tcp/")[1].split("/")[0]))
+        nursery = await stack.enter_async_context(trio.open_nursery())
+        stack.callback(nursery.cancel_scope.cancel)
+        await nursery.start(pipe.run)
+        await a.host.get_network().dial_addr(
+            multiaddr.Multiaddr(f"/ip4/127.0.0.1/tcp/{pipe.port}"), b.peer_id)
+        conns = a.host.get_network().get_connections(b.peer_id)
+        assert any(is_relayed(c) for c in conns) and any(not is_relayed(c) for c in conns)
+        pipe.go_silent()
+        ts = await a.open_session(b.peer_id)
+        assert is_relayed(ts.stream)
+        theirs = await b.accept_session(5)
+        assert is_relayed(theirs.stream)
+        await ts.close("done")

@@ -22,7 +22,7 @@ import trio
 from libp2p.peer.id import ID
 
 from discovery.streamio import FrameError, pack_frame, read_frame, unpack_bounded
-from meshnode.host import close_stream
+from meshnode.host import close_stream, new_stream_or_relayed
 from meshnode.logs import get_logger, kv
 
 PROTOCOL = "/latentlink/prefix/1.0.0"
@@ -83,7 +83,7 @@ class PrefixService:
 
     async def ask(self, peer: ID, context: str, block: int) -> Chain:
         """The chain ``peer`` holds for ``context`` (empty when none); raises on failure."""
-        stream = await self.host.new_stream(peer, [PROTOCOL])
+        stream = await new_stream_or_relayed(self.host, peer, PROTOCOL, self.timeout_s)
         try:
             with trio.fail_after(self.timeout_s):
                 await stream.write(pack_frame({"context": context, "block": block}))

@@ -311,8 +311,9 @@ class HolePuncher:
         closing the relay on the first side's word alone left the peer with no connection to us.
         If none of ``dcutr.relay_close_pings`` pings answers, both connections stay: the direct
         one may be dead, or only slow (closing it killed a session running on it, seen at 20 %
-        loss). New streams still prefer the direct one; none falls back to the relay on its own
-        yet. The pings start at once; the grace still counts from now."""
+        loss). New streams still prefer the direct one; a tensor session that cannot open its
+        stream there opens it on the relayed one (``host.new_stream_or_relayed``). The pings
+        start at once; the grace still counts from now."""
         grace_ends = trio.current_time() + self.s.relay_grace_s
         for _ in range(self.s.relay_close_pings):
             direct = [c for c in self.host.get_network().get_connections(peer) if not is_relayed(c)]

@@ -28,6 +28,7 @@ from libp2p.peer.id import ID
 from discovery.signature import ModelSignature
 from meshnode.bus import EventBus
 from meshnode.config import TransportSection
+from meshnode.host import new_stream_or_relayed
 from meshnode.logs import get_logger, kv
 from meshnode.tensor.buffers import BufferPool
 from meshnode.tensor.driver import SessionClosed, TensorSession
@@ -210,7 +211,8 @@ class TensorService:
         if err is not None:
             raise err
         try:
-            stream = await self.host.new_stream(peer, [TENSOR_PROTOCOL])
+            stream = await new_stream_or_relayed(self.host, peer, TENSOR_PROTOCOL,
+                                                 self.limits.handshake_timeout_s)
         except BaseException:
             self.policy.release(str(peer))
             raise
