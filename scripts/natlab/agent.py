@@ -103,6 +103,7 @@ async def handoff_trial(node: Node, lm: Any, cmd: dict) -> None:
                     raise
                 got.clear()
         out["sent"] = [e for e in got if e["event"] == "sent"]
+        out["session_over"] = "relayed" if is_relayed(ts.stream) else "direct"
         out["final"] = kinds(node, peer)
         out["reference"] = next(e for e in got if e["event"] == "reference")
         with trio.move_on_after(10):
