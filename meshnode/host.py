@@ -326,16 +326,18 @@ async def new_stream_or_relayed(host: IHost, peer: ID, protocol: str, timeout_s:
 
     py-libp2p prefers a direct connection for every new stream. Over a lossy path a punched
     connection can be one that only our side completed (the peer's side failed and its reset was
-    lost): every stream opened on it times out in negotiation until TCP gives up on it, minutes
-    later. DCUtR keeps the relayed connection beside such a connection (it answered no ping), so
-    the stream is opened there instead. Raises the first failure if there is no relay to try.
+    lost): every stream opened on it times out in negotiation until TCP gives up on it. DCUtR
+    keeps the relayed connection beside such a connection (it answered no ping), so the stream
+    is opened there instead. Raises the first failure if there is no relay to try, or if the
+    peer answered that it does not speak ``protocol`` (that answer holds on any connection).
     """
     try:
         return await host.new_stream(peer, [protocol])
     except Exception as exc:  # boundary: whatever failed, a relayed connection may still carry it
         conns = host.get_network().get_connections(peer)
         relayed = [c for c in conns if is_relayed(c) and not c.muxed_conn.is_closed]
-        if not relayed or all(is_relayed(c) for c in conns):
+        refused = "not supported" in str(exc.__cause__ or exc)  # (py-libp2p: no distinct type)
+        if refused or not relayed or all(is_relayed(c) for c in conns):
             raise  # (py-libp2p's own choice was a relayed connection already)
         log.warning("stream over the relay: the direct connection failed",
                     extra=kv(peer=peer, protocol=protocol, err=exc))

@@ -10,9 +10,10 @@ from contextlib import AsyncExitStack
 import multiaddr
 import pytest
 import trio
+from libp2p.host.exceptions import StreamFailure
 
 from meshnode.config import ConfigError, HostSection, load_config
-from meshnode.host import build_host, close_listeners, is_relayed
+from meshnode.host import build_host, close_listeners, is_relayed, new_stream_or_relayed
 from meshnode.node import open_node
 from meshnode.tcp_rto import TCP_RTO_MAX_MS, raw_socket
 from tests.helpers.waits import until
@@ -189,6 +190,8 @@ async def test_a_session_whose_direct_connection_went_silent_runs_over_the_relay
             multiaddr.Multiaddr(f"/ip4/127.0.0.1/tcp/{pipe.port}"), b.peer_id)
         conns = a.host.get_network().get_connections(b.peer_id)
         assert any(is_relayed(c) for c in conns) and any(not is_relayed(c) for c in conns)
+        with pytest.raises(StreamFailure):  # a protocol the peer refused: no second try
+            await new_stream_or_relayed(a.host, b.peer_id, "/latentlink/none/1.0.0", 5)
         pipe.go_silent()
         ts = await a.open_session(b.peer_id)
         assert is_relayed(ts.stream)
