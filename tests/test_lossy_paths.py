@@ -1,6 +1,7 @@
 """What keeps a node usable over lossy paths, on loopback with real nodes: the TCP retransmission
 timeout cap on every connection, a relayed connection that survives a direct one joining it (its
-closing is DCUtR's), and a relay that reaches a peer over the connection it reserved on."""
+closing is DCUtR's), a relay that reaches a peer over the connection it reserved on, and a
+session that runs over the relay when the direct connection beside it went silent."""
 
 from __future__ import annotations
 
