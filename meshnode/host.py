@@ -306,6 +306,12 @@ def local_address(stream: Any) -> tuple[str, int] | None:
     return (addr[0], addr[1]) if isinstance(addr, tuple) else None
 
 
+def _not_supported(exc: BaseException) -> bool:
+    """The peer answered that it does not speak the protocol (py-libp2p has no distinct error
+    type for it once every choice was refused: its message says so)."""
+    return "not supported" in str(exc)
+
+
 async def open_stream_on(conn: Any, protocol: str, timeout_s: float) -> Any:
     """A stream for ``protocol`` on this very connection (``host.new_stream`` picks a connection
     itself). Raises what the negotiation raises; the stream is reset then."""
@@ -336,8 +342,7 @@ async def new_stream_or_relayed(host: IHost, peer: ID, protocol: str, timeout_s:
     except Exception as exc:  # boundary: whatever failed, a relayed connection may still carry it
         conns = host.get_network().get_connections(peer)
         relayed = [c for c in conns if is_relayed(c) and not c.muxed_conn.is_closed]
-        refused = "not supported" in str(exc.__cause__ or exc)  # (py-libp2p: no distinct type)
-        if refused or not relayed or all(is_relayed(c) for c in conns):
+        if _not_supported(exc.__cause__ or exc) or not relayed or all(is_relayed(c) for c in conns):
             raise  # (py-libp2p's own choice was a relayed connection already)
         log.warning("stream over the relay: the direct connection failed",
                     extra=kv(peer=peer, protocol=protocol, err=exc))
@@ -354,8 +359,8 @@ async def ping_over(conn: Any, timeout_s: float) -> bool:
             stream = await open_stream_on(conn, PING_PROTOCOL, timeout_s)
             await perform_ping_roundtrip(stream)
         ok = True
-    except MultiselectClientError as exc:  # (py-libp2p: no distinct type once all were refused)
-        ok = "not supported" in str(exc)
+    except MultiselectClientError as exc:
+        ok = _not_supported(exc)
         if not ok:
             log.debug("no ping over the connection", extra=kv(err=exc))
     except Exception as exc:  # boundary: any other failure means no proof

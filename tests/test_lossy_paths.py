@@ -183,7 +183,7 @@ async def test_a_session_whose_direct_connection_went_silent_runs_over_the_relay
         a.serve(fake_signature(0))
         b.serve(fake_signature(0), accept=True)
         await a.connect(await _reserved(b))
-        pipe = SilentPipe(int(str(b.addrs[0]).split("/tcp/")[1].split("/")[0]))
+        pipe = SilentPipe(int(b.addrs[0].value_for_protocol("tcp")))
         nursery = await stack.enter_async_context(trio.open_nursery())
         stack.callback(nursery.cancel_scope.cancel)
         await nursery.start(pipe.run)

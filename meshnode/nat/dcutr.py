@@ -130,8 +130,11 @@ class HolePuncher:
         if self.paths.get(peer) == DIRECT and not self._has_direct(peer):
             self._set(peer, RELAY_ONLY)
 
+    def _direct(self, peer: ID) -> list:
+        return [c for c in self.host.get_network().get_connections(peer) if not is_relayed(c)]
+
     def _has_direct(self, peer: ID) -> bool:
-        return any(not is_relayed(c) for c in self.host.get_network().get_connections(peer))
+        return bool(self._direct(peer))
 
     def _refuse(self, reason: str, peer: Any, why: Any) -> None:
         self._on_refuse(reason)
@@ -316,7 +319,7 @@ class HolePuncher:
         start at once; the grace still counts from now."""
         grace_ends = trio.current_time() + self.s.relay_grace_s
         for _ in range(self.s.relay_close_pings):
-            direct = [c for c in self.host.get_network().get_connections(peer) if not is_relayed(c)]
+            direct = self._direct(peer)
             if not direct:  # it went (the peer closed it; _conn_gone updates the path)
                 return
             if await ping_over(direct[0], self.s.exchange_timeout_s):
